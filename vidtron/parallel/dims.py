@@ -44,7 +44,9 @@ class ParallelDims:
                 self.ulysses = self._default_usp_ulysses()
         if self.cp % self.ulysses:
             raise ConfigError(
-                "parallel.ulysses", self.ulysses, f"must divide parallel.cp={self.cp}; choose one of {_divisors(self.cp)}"
+                "parallel.ulysses",
+                self.ulysses,
+                f"must divide parallel.cp={self.cp}; choose one of {_divisors(self.cp)}",
             )
 
     def _default_usp_ulysses(self) -> int:

@@ -1,1 +1,5 @@
+"""Text encoders: a built-in byte-level encoder (no downloads) and local Hugging Face encoders."""
 
+from vidtron.models.text.encoders import ByteTextEncoder, TextBatch, build_text_encoder
+
+__all__ = ["ByteTextEncoder", "TextBatch", "build_text_encoder"]

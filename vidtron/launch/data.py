@@ -1,0 +1,125 @@
+"""vidtron-data: dataset tools.
+
+vidtron-data synth --out DIR --clips N --frames F --height H --width W --seed S
+    generated clips of moving coloured shapes with captions, as webdataset shards, plus the stand-in
+    autoencoder (PCA over 4x8x8 patches) fitted on them. The folder appears complete or not at all.
+vidtron-data fit-ae --root DIR
+    (re)fit the stand-in autoencoder on the clips in DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from vidtron.launch.cli import user_errors
+from vidtron.models.vae.patch_pca import PatchPCAAutoencoder
+from vidtron.platform.data.shards import read_clips, write_shard
+from vidtron.platform.data.synth import clip_spec, render_clip
+from vidtron.platform.errors import ConfigError
+from vidtron.recipes.dit_t2v.data import AE_FILE, videos_to_tensor
+
+
+def _check_synth_args(a: argparse.Namespace) -> None:
+    if a.clips < 1:
+        raise ConfigError("--clips", a.clips, "must be >= 1")
+    if a.frames < 1 or (a.frames - 1) % 4:
+        near = 4 * ((max(a.frames, 1) - 1) // 4) + 1
+        raise ConfigError("--frames", a.frames, f"must be 4k+1 (e.g. {near} or {near + 4})")
+    for name in ("height", "width"):
+        value = getattr(a, name)
+        if value < 16 or value % 16:
+            raise ConfigError(f"--{name}", value, "must be a positive multiple of 16")
+    if a.shard_size < 1:
+        raise ConfigError("--shard-size", a.shard_size, "must be >= 1")
+    out = Path(a.out)
+    if out.exists() and any(out.iterdir()) and not a.overwrite:
+        raise ConfigError("--out", str(out), "is not empty; pass --overwrite or choose another folder")
+
+
+def fit_autoencoder(root: Path, seed: int = 0) -> None:
+    clips = read_clips(root)
+    ae = PatchPCAAutoencoder().fit(videos_to_tensor([c.video for c in clips]), seed=seed)
+    tmp = root / (AE_FILE + ".tmp")
+    save_file(dict(ae.state_dict()), str(tmp))
+    os.replace(tmp, root / AE_FILE)
+
+
+def synth(a: argparse.Namespace) -> Path:
+    _check_synth_args(a)
+    out = Path(a.out)
+    staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for first in range(0, a.clips, a.shard_size):
+        samples = []
+        for i in range(first, min(first + a.shard_size, a.clips)):
+            spec = clip_spec(a.seed, i)
+            meta = {
+                "caption": spec.caption,
+                "shape": spec.shape,
+                "colour": spec.colour,
+                "direction": spec.direction,
+                "frames": a.frames,
+                "height": a.height,
+                "width": a.width,
+                "seed": a.seed,
+                "index": i,
+            }
+            samples.append((f"{i:07d}", render_clip(spec, a.frames, a.height, a.width), meta))
+        write_shard(staging / f"shard-{first // a.shard_size:05d}.tar", samples)
+    fit_autoencoder(staging, a.seed)
+    _swap_in(staging, out)
+    return out
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace `out` by the complete `staging` folder (the old one is removed only afterwards)."""
+    old = None
+    if out.exists():
+        old = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(staging, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vidtron-data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("synth", help="write generated clips as webdataset shards")
+    s.add_argument("--out", required=True)
+    s.add_argument("--clips", type=int, default=64)
+    s.add_argument("--frames", type=int, default=9)
+    s.add_argument("--height", type=int, default=64)
+    s.add_argument("--width", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shard-size", type=int, default=32, help="clips per shard")
+    s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    f = sub.add_parser("fit-ae", help="fit the stand-in autoencoder on the clips in --root")
+    f.add_argument("--root", required=True)
+    f.add_argument("--seed", type=int, default=0)
+    return p
+
+
+@user_errors("vidtron-data")
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    if a.cmd == "synth":
+        out = synth(a)
+        print(f"wrote {a.clips} clips to {out}")
+    elif a.cmd == "fit-ae":
+        fit_autoencoder(Path(a.root), a.seed)
+        print(f"wrote {Path(a.root) / AE_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Dual-stream and single-stream transformer blocks and the final layer.
+
+Shapes: B batch, V video tokens, T text tokens, L = V + T joint tokens, D model dim, N heads, Dh head dim,
+M MLP hidden, P output channels per token (patch volume x out channels).
+
+Every joint attention goes through `self.attn_core(q, k, v, text_mask)` with q, k, v `[B, N, L, Dh]` after
+qk-norm and RoPE (video tokens only), ordered [video; text] -- see vidtron/kernels/attention.py. The core is
+swapped from outside (context parallel, sparse); nothing here depends on which core is plugged in.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vidtron.kernels.attention import DenseAttention
+from vidtron.models.dit.layers import MLP, QKVProjection, apply_rope, layer_norm, modulate
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [V, Dh]
+
+
+def joint_attention(
+    attn_core: nn.Module,
+    q_BLNDh: torch.Tensor,
+    k_BLNDh: torch.Tensor,
+    v_BLNDh: torch.Tensor,
+    rope: Rope,
+    text_mask_BT: torch.Tensor | None,
+    num_text: int,
+) -> torch.Tensor:
+    """RoPE on the video part of q and k, then the attention core; returns `[B, L, N * Dh]`."""
+    V = q_BLNDh.shape[1] - num_text
+    cos, sin = rope
+    q_BLNDh = torch.cat([apply_rope(q_BLNDh[:, :V], cos, sin), q_BLNDh[:, V:]], dim=1)
+    k_BLNDh = torch.cat([apply_rope(k_BLNDh[:, :V], cos, sin), k_BLNDh[:, V:]], dim=1)
+    q, k, v = (t.transpose(1, 2) for t in (q_BLNDh, k_BLNDh, v_BLNDh))  # [B, N, L, Dh]
+    out_BNLDh = attn_core(q, k, v, text_mask_BT)
+    return out_BNLDh.transpose(1, 2).flatten(2).to(q.dtype)  # [B, L, N * Dh]
+
+
+class DoubleStreamBlock(nn.Module):
+    """Separate adaLN-zero modulation, q/k/v/o and MLP weights for video and text; one joint attention."""
+
+    def __init__(self, dim: int, head_dim: int, mlp_hidden: int):
+        super().__init__()
+        self.img_mod = nn.Linear(dim, 6 * dim)  # -> shift, scale, gate (attention); shift, scale, gate (MLP)
+        self.txt_mod = nn.Linear(dim, 6 * dim)
+        self.img_attn = QKVProjection(dim, head_dim, qk_norm=True, out=True)
+        self.txt_attn = QKVProjection(dim, head_dim, qk_norm=True, out=True)
+        self.img_mlp = MLP(dim, mlp_hidden, dim, act="gelu_tanh")
+        self.txt_mlp = MLP(dim, mlp_hidden, dim, act="gelu_tanh")
+        self.attn_core = DenseAttention()
+
+    def forward(
+        self,
+        img_BVD: torch.Tensor,
+        txt_BTD: torch.Tensor,
+        cond_BD: torch.Tensor,
+        rope: Rope,
+        text_mask_BT: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        img_m = self.img_mod(F.silu(cond_BD)).chunk(6, dim=1)  # 6 x [B, D]
+        txt_m = self.txt_mod(F.silu(cond_BD)).chunk(6, dim=1)
+        img_q, img_k, img_v = self.img_attn(modulate(layer_norm(img_BVD), img_m[0], img_m[1]))  # [B, V, N, Dh]
+        txt_q, txt_k, txt_v = self.txt_attn(modulate(layer_norm(txt_BTD), txt_m[0], txt_m[1]))  # [B, T, N, Dh]
+        attn_BLD = joint_attention(
+            self.attn_core,
+            torch.cat([img_q, txt_q], dim=1),
+            torch.cat([img_k, txt_k], dim=1),
+            torch.cat([img_v, txt_v], dim=1),
+            rope,
+            text_mask_BT,
+            num_text=txt_BTD.shape[1],
+        )
+        V = img_BVD.shape[1]
+        img_BVD = img_BVD + self.img_attn.o(attn_BLD[:, :V]) * img_m[2][:, None]
+        txt_BTD = txt_BTD + self.txt_attn.o(attn_BLD[:, V:]) * txt_m[2][:, None]
+        img_BVD = img_BVD + img_m[5][:, None] * self.img_mlp(modulate(layer_norm(img_BVD), img_m[3], img_m[4]))
+        txt_BTD = txt_BTD + txt_m[5][:, None] * self.txt_mlp(modulate(layer_norm(txt_BTD), txt_m[3], txt_m[4]))
+        return img_BVD, txt_BTD
+
+
+class SingleStreamBlock(nn.Module):
+    """One stream over [video; text]: attention and a gelu-tanh MLP in parallel from the same modulated
+    input, one output linear over cat([attention, MLP hidden]), adaLN-zero (shift, scale, gate)."""
+
+    def __init__(self, dim: int, head_dim: int, mlp_hidden: int):
+        super().__init__()
+        self.mod = nn.Linear(dim, 3 * dim)  # -> shift, scale, gate
+        self.attn = QKVProjection(dim, head_dim, qk_norm=True, out=False)
+        self.mlp_in = nn.Linear(dim, mlp_hidden)
+        self.out = nn.Linear(dim + mlp_hidden, dim)  # row-parallel over [attention (D); MLP hidden (M)]
+        self.attn_core = DenseAttention()
+
+    def forward(
+        self,
+        img_BVD: torch.Tensor,
+        txt_BTD: torch.Tensor,
+        cond_BD: torch.Tensor,
+        rope: Rope,
+        text_mask_BT: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x_BLD = torch.cat([img_BVD, txt_BTD], dim=1)
+        shift_BD, scale_BD, gate_BD = self.mod(F.silu(cond_BD)).chunk(3, dim=1)
+        h_BLD = modulate(layer_norm(x_BLD), shift_BD, scale_BD)
+        mlp_BLM = F.gelu(self.mlp_in(h_BLD), approximate="tanh")
+        q, k, v = self.attn(h_BLD)  # [B, L, N, Dh]
+        attn_BLD = joint_attention(self.attn_core, q, k, v, rope, text_mask_BT, num_text=txt_BTD.shape[1])
+        x_BLD = gate_BD[:, None] * self.out(torch.cat([attn_BLD, mlp_BLM], dim=2)) + x_BLD
+        V = img_BVD.shape[1]
+        return x_BLD[:, :V], x_BLD[:, V:]
+
+
+class FinalLayer(nn.Module):
+    """adaLN-continuous norm (scale, shift from the conditioning) and a linear to the patch channels."""
+
+    def __init__(self, dim: int, out_per_token: int):
+        super().__init__()
+        self.mod = nn.Linear(dim, 2 * dim)  # -> scale, shift (this order, as in diffusers' AdaLayerNormContinuous)
+        self.proj = nn.Linear(dim, out_per_token)
+
+    def forward(self, x_BVD: torch.Tensor, cond_BD: torch.Tensor) -> torch.Tensor:
+        scale_BD, shift_BD = self.mod(F.silu(cond_BD).to(x_BVD.dtype)).chunk(2, dim=1)
+        return self.proj(modulate(layer_norm(x_BVD), shift_BD, scale_BD))  # [B, V, P]

@@ -1,0 +1,118 @@
+"""The HunyuanVideo DiT as a plain single-device nn.Module (dual-stream -> single-stream, 3D RoPE, token refiner).
+
+Shapes: B batch, C latent channels, F latent frames, H, W latent height/width, V video tokens
+(F/pt * H/p * W/p), T text tokens, E text-encoder width, D model dim, P output channels per token.
+
+Inputs, shapes and units are those of diffusers' `HunyuanVideoTransformer3DModel.forward`, and with weights
+loaded through `state_dict_adapter.from_diffusers` the outputs match it to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vidtron.models.dit.blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock
+from vidtron.models.dit.configs import DiTConfig
+from vidtron.models.dit.layers import ConditionEmbedding, RMSNorm, rope_cos_sin
+from vidtron.models.dit.refiner import TextRefiner
+from vidtron.platform.errors import ConfigError
+
+
+class DiT(nn.Module):
+    """HunyuanVideo text-to-video DiT. Build on the meta device, then `to_empty(...)` and `init_weights()`."""
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        D, Dh, M = config.hidden_size, config.head_dim, config.mlp_hidden
+        self.patch_embed = nn.Conv3d(config.in_channels, D, kernel_size=config.patch, stride=config.patch)
+        self.cond_embed = ConditionEmbedding(D, config.pooled_dim, guidance=config.guidance_embeds)
+        self.text_refiner = TextRefiner(config.text_dim, D, Dh, config.num_refiner_blocks, config.mlp_ratio)
+        self.double_blocks = nn.ModuleList([DoubleStreamBlock(D, Dh, M) for _ in range(config.num_double_blocks)])
+        self.single_blocks = nn.ModuleList([SingleStreamBlock(D, Dh, M) for _ in range(config.num_single_blocks)])
+        self.final_layer = FinalLayer(D, math.prod(config.patch) * config.out_channels)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        pooled: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """latents [B, C, F, H, W]; timestep [B] in 0..1000; text_states [B, T, E]; text_mask [B, T] (1 = valid,
+        padding at the end; None = all valid); pooled [B, pooled_dim]; guidance [B] (scale * 1000) when the
+        config embeds guidance. Returns the prediction [B, C_out, F, H, W]."""
+        grid = self.token_grid(latents.shape)
+        rope = rope_cos_sin(grid, self.config.rope_axes_dim, self.config.rope_theta, latents.device)  # 2 x [V, Dh]
+        cond_BD = self.cond_embed(timestep, pooled, guidance)
+        img_BVD = self.patch_embed(latents).flatten(2).transpose(1, 2)
+        txt_BTD = self.text_refiner(text_states, timestep, text_mask)
+        joint_mask_BT = prefix_text_mask(text_mask)
+        for block in self.double_blocks:
+            img_BVD, txt_BTD = block(img_BVD, txt_BTD, cond_BD, rope, joint_mask_BT)
+        for block in self.single_blocks:
+            img_BVD, txt_BTD = block(img_BVD, txt_BTD, cond_BD, rope, joint_mask_BT)
+        return self.unpatchify(self.final_layer(img_BVD, cond_BD), grid)  # [B, C_out, F, H, W]
+
+    def token_grid(self, latent_shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
+        """(F/pt, H/p, W/p) for latents [B, C, F, H, W]; rejects sizes the patch does not divide."""
+        if len(latent_shape) != 5 or latent_shape[1] != self.config.in_channels:
+            fix = f"expected [B, {self.config.in_channels}, F, H, W]"
+            raise ConfigError("latents.shape", tuple(latent_shape), fix)
+        sizes, patch = latent_shape[2:], self.config.patch
+        if any(n % p for n, p in zip(sizes, patch)):
+            raise ConfigError("latents.shape", tuple(latent_shape), f"F, H, W must be divisible by the patch {patch}")
+        return tuple(n // p for n, p in zip(sizes, patch))
+
+    def unpatchify(self, x_BVP: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Tokens [B, V, C_out * pt * p * p] (channel-major within a token) -> [B, C_out, F, H, W]."""
+        (gf, gh, gw), (pt, ph, pw) = grid, self.config.patch
+        x = x_BVP.reshape(x_BVP.shape[0], gf, gh, gw, -1, pt, ph, pw)
+        x = x.permute(0, 4, 1, 5, 2, 6, 3, 7)  # [B, C, gf, pt, gh, ph, gw, pw]
+        return x.flatten(6, 7).flatten(4, 5).flatten(2, 3)
+
+    def num_params(self) -> int:
+        """Number of parameters (works on the meta device)."""
+        return sum(p.numel() for p in self.parameters())
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter from torch's global RNG, in module order (deterministic under a seed):
+        xavier-uniform linears / patch conv with zero bias, N(0, 0.02) timestep and guidance MLPs, unit norms,
+        and adaLN-zero: every modulation / gate linear and the final projection start at zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Conv3d):
+                fan_out, fan_in = module.weight.shape[0], module.weight[0].numel()
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                nn.init.uniform_(module.weight, -bound, bound)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm | RMSNorm):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        for embed in (self.cond_embed, self.text_refiner.cond_embed):
+            for mlp in (embed.time_mlp, embed.guidance_mlp):
+                if mlp is not None:
+                    nn.init.normal_(mlp.fc1.weight, std=0.02)
+                    nn.init.normal_(mlp.fc2.weight, std=0.02)
+        zero = [b.mod for b in self.text_refiner.blocks] + [b.mod for b in self.single_blocks]
+        zero += [m for b in self.double_blocks for m in (b.img_mod, b.txt_mod)]
+        zero += [self.final_layer.mod, self.final_layer.proj]
+        for linear in zero:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+
+def prefix_text_mask(text_mask_BT: torch.Tensor | None) -> torch.Tensor | None:
+    """The joint-attention text mask as diffusers builds it: the first sum(mask) tokens of each sample are
+    valid (masks are expected to be padded at the end), bool [B, T]."""
+    if text_mask_BT is None:
+        return None
+    num_valid_B1 = text_mask_BT.sum(dim=1, dtype=torch.int)[:, None]
+    positions_1T = torch.arange(text_mask_BT.shape[1], device=text_mask_BT.device)[None, :]
+    return positions_1T < num_valid_B1

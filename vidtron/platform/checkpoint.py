@@ -1,0 +1,219 @@
+"""Atomic, reshardable DCP checkpoints with a manifest, and safe loading.
+
+Layout of `<run_dir>/checkpoints/`:
+    step_000010/            committed (renamed from step_000010.tmp/ only after every rank finished)
+        __*.distcp .metadata   DCP shards: model + optimizer state, resharded by parameter name on load
+        rng/rank_<r>.safetensors   each rank's RNG states
+        manifest.json       step, layout, config, config hash, data position, sha256 of every file
+    step_000020.tmp/        torn (a crash mid-save): never resumed, removed by the next save
+
+Loading never runs an unrestricted unpickler: DCP's `.metadata` (a pickle) is read with an allowlist of
+DCP's own metadata classes, DCP's byte items go through `torch.load(weights_only=True)`, and every file's
+sha256 is checked against the manifest first; a checkpoint that fails the check is skipped with a warning
+and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from vidtron.platform.distributed import DistContext, barrier, broadcast_object
+from vidtron.platform.errors import DataError
+
+MANIFEST = "manifest.json"
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+_SAFE_PICKLE_MODULES = ("torch.distributed.checkpoint.", "collections", "torch.serialization")
+_SAFE_TORCH_NAMES = {"Size", "device", "layout", "memory_format"}
+_SAFE_PLAIN = {("builtins", n) for n in ("set", "frozenset", "slice")} | {
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP metadata only: DCP's dataclasses, torch.Size/dtype/layout and plain containers."""
+
+    def find_class(self, module: str, name: str):
+        if module.startswith(_SAFE_PICKLE_MODULES) or (module, name) in _SAFE_PLAIN:
+            return super().find_class(module, name)
+        if module == "torch" and (name in _SAFE_TORCH_NAMES or isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise DataError(
+            f"checkpoint metadata refers to {module}.{name}, which is not allowed; the file is not a vidtron checkpoint"
+        )
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    def read_metadata(self):
+        path = Path(self.path) / ".metadata"
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = dcp.metadata.StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def _step_dir(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step_{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(path: Path) -> None:
+    if not path.exists():
+        return  # a rank that did not exist in the saved layout keeps its seeded state
+    state = load_file(str(path))
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+def save_checkpoint(run_dir, step: int, model, optimizer, meta: dict, ctx: DistContext, keep_last: int = 3) -> Path:
+    """Collective: every rank calls it. Returns the committed folder."""
+    final = _step_dir(run_dir, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if ctx.is_main:
+        for stale in checkpoint_dir(run_dir).glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(ctx)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    (tmp / "rng").mkdir(exist_ok=True)
+    save_file(_rng_state(), str(tmp / "rng" / f"rank_{ctx.rank}.safetensors"))
+    barrier(ctx)
+    if ctx.is_main:
+        _commit(tmp, final, step, meta)
+        _prune(run_dir, keep_last)
+    barrier(ctx)
+    return final
+
+
+def _commit(tmp: Path, final: Path, step: int, meta: dict) -> None:
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    manifest = {"step": step, **meta, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
+    _write_json_atomic(tmp / MANIFEST, manifest)
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _prune(run_dir, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for old in committed_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def committed_checkpoints(run_dir) -> list[Path]:
+    """Committed checkpoint folders (a manifest present), oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp") and (p / MANIFEST).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def verify(path: Path) -> str | None:
+    """None when every file matches the manifest; otherwise what is wrong."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        return f"manifest unreadable ({err})"
+    for rel, digest in manifest.get("files", {}).items():
+        f = path / rel
+        if not f.exists():
+            return f"{rel} is missing"
+        if _sha256(f) != digest:
+            return f"{rel} fails its sha256 check"
+    return None
+
+
+def latest_valid_checkpoint(run_dir, ctx: DistContext, on_skip=None) -> Path | None:
+    """Rank 0 picks the newest committed checkpoint that passes its checksums; every rank gets the answer."""
+    choice = None
+    if ctx.is_main:
+        for path in reversed(committed_checkpoints(run_dir)):
+            problem = verify(path)
+            if problem is None:
+                choice = str(path)
+                break
+            warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to the previous one", stacklevel=2)
+            if on_skip:
+                on_skip(path, problem)
+    choice = broadcast_object(choice, ctx)
+    return Path(choice) if choice else None
+
+
+def read_manifest(path: Path) -> dict:
+    return json.loads((Path(path) / MANIFEST).read_text())
+
+
+def load_checkpoint(path: Path, model, optimizer, ctx: DistContext) -> dict:
+    """Load model + optimizer (resharding to this layout as needed) and this rank's RNG; return the manifest."""
+    path = Path(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _restore_rng(path / "rng" / f"rank_{ctx.rank}.safetensors")
+    return read_manifest(path)
+
+
+def load_model_weights(path: Path, model) -> dict:
+    """Load only the model weights of a training checkpoint (e.g. for sampling), into any layout."""
+    opts = StateDictOptions(strict=True)
+    model_sd, _ = get_state_dict(model, [], options=opts)
+    state = {"model": model_sd}
+    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+    set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={}, options=opts)
+    return read_manifest(path)

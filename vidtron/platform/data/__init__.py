@@ -1,0 +1,1 @@
+"""Data: generated clips, webdataset shards, deterministic global-batch sampling."""

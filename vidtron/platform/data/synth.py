@@ -1,0 +1,91 @@
+"""Generated clips of moving coloured shapes with captions that say what moves where.
+
+Deterministic per (seed, clip index). Each clip is uint8 [F, H, W, 3]; its caption names the shape, the
+colour, the direction of motion and the starting region, so text conditioning matters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 240),
+    "yellow": (240, 220, 40),
+    "white": (240, 240, 240),
+    "magenta": (220, 50, 220),
+}
+DIRECTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """What one generated clip shows."""
+
+    shape: str
+    colour: str
+    direction: str
+    start_yx: tuple[float, float]  # centre at frame 0, as fractions of (H, W)
+    size: float  # radius as a fraction of min(H, W)
+    background: tuple[int, int, int]
+
+    @property
+    def caption(self) -> str:
+        region = _region_name(self.start_yx)
+        return f"a {self.colour} {self.shape} moves {self.direction} from the {region}"
+
+
+def _region_name(yx: tuple[float, float]) -> str:
+    vert = "top" if yx[0] < 0.4 else "bottom" if yx[0] > 0.6 else "middle"
+    horiz = "left" if yx[1] < 0.4 else "right" if yx[1] > 0.6 else "centre"
+    return f"{vert} {horiz}"
+
+
+def clip_spec(seed: int, index: int) -> ClipSpec:
+    rng = np.random.default_rng([seed, index])
+    direction = str(rng.choice(list(DIRECTIONS)))
+    dy, dx = DIRECTIONS[direction]
+    # start on the side opposite to the motion so the shape crosses the frame
+    start = [float(rng.uniform(0.25, 0.75)), float(rng.uniform(0.25, 0.75))]
+    if dy:
+        start[0] = 0.3 if dy > 0 else 0.7
+    if dx:
+        start[1] = 0.3 if dx > 0 else 0.7
+    bg = tuple(int(v) for v in rng.integers(10, 60, size=3))
+    return ClipSpec(
+        shape=str(rng.choice(SHAPES)),
+        colour=str(rng.choice(list(COLOURS))),
+        direction=direction,
+        start_yx=(start[0], start[1]),
+        size=float(rng.uniform(0.12, 0.2)),
+        background=bg,
+    )
+
+
+def _shape_mask(shape: str, yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    if shape == "circle":
+        return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    if shape == "square":
+        return (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+    # triangle pointing up: inside when below the two slanted edges and above the base
+    return (yy <= cy + r) & (yy >= cy - r) & (np.abs(xx - cx) <= (yy - (cy - r)) / 2)
+
+
+def render_clip(spec: ClipSpec, frames: int, height: int, width: int) -> np.ndarray:
+    """uint8 [F, H, W, 3] of the shape moving 0.4 of the frame over the clip."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = spec.size * min(height, width)
+    dy, dx = DIRECTIONS[spec.direction]
+    colour = np.array(COLOURS[spec.colour], dtype=np.uint8)
+    video = np.empty((frames, height, width, 3), dtype=np.uint8)
+    video[:] = np.array(spec.background, dtype=np.uint8)
+    for f in range(frames):
+        progress = 0.4 * f / max(frames - 1, 1)
+        cy = (spec.start_yx[0] + dy * progress) * height
+        cx = (spec.start_yx[1] + dx * progress) * width
+        video[f][_shape_mask(spec.shape, yy, xx, cy, cx, r)] = colour
+    return video

@@ -1,0 +1,212 @@
+"""The training loop shared by every recipe: layout, resume, steps, metrics, checkpoints.
+
+A recipe task provides `build_model()`, `local_batch(step, cursor, dp_rank, dp)`, `loss(model, batch, device)`
+and `tokens_per_sample`. Step numbers count completed optimizer steps: the checkpoint `step_N` holds the
+state after N steps, and a resumed run continues with step N + 1 at the saved data position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from vidtron.models.dit.parallelize import ParallelizeOptions, parallelize_dit
+from vidtron.parallel.dims import ParallelDims
+from vidtron.platform import checkpoint as ckpt
+from vidtron.platform.compose import to_dict
+from vidtron.platform.config import OptimConfig, ParallelConfig, TrainConfig
+from vidtron.platform.distributed import DistContext
+from vidtron.platform.errors import ConfigError
+from vidtron.platform.metrics import MetricsLogger, log_event
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # completed optimizer steps
+    cursor: int = 0  # samples of the global stream consumed
+    losses: list[float] = field(default_factory=list)  # this process's logged losses, for tests and summaries
+
+
+def build_dims(p: ParallelConfig, world_size: int) -> ParallelDims:
+    """ParallelDims from the config; dp_shard=-1 takes whatever the world size leaves."""
+    rest = p.dp_replicate * p.cp * p.tp
+    dp_shard = p.dp_shard
+    if dp_shard == -1:
+        if world_size % rest:
+            raise ConfigError("parallel", f"dp_replicate*cp*tp={rest}", f"must divide the {world_size} processes")
+        dp_shard = world_size // rest
+    dims = ParallelDims(
+        dp_replicate=p.dp_replicate, dp_shard=dp_shard, cp=p.cp, tp=p.tp, cp_mode=p.cp_mode, ulysses=p.ulysses
+    )
+    dims.validate_world(world_size)
+    return dims
+
+
+def lr_at(step: int, o: OptimConfig, total_steps: int) -> float:
+    """Linear warmup to o.lr, then cosine down to o.lr * o.min_lr_ratio at total_steps (step is 1-based)."""
+    if o.warmup_steps and step <= o.warmup_steps:
+        return o.lr * step / o.warmup_steps
+    span = max(total_steps - o.warmup_steps, 1)
+    progress = min(max(step - o.warmup_steps, 0) / span, 1.0)
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _dp_coords(dims: ParallelDims, ctx: DistContext) -> tuple[int, int]:
+    if not ctx.distributed:
+        return 0, 1
+    return dims.mesh["dp"].get_local_rank(), dims.dp
+
+
+def _mean_over_world(x: torch.Tensor, ctx: DistContext) -> float:
+    """Mean of per-rank values: TP ranks repeat a value, CP/DP ranks' means average to the global mean."""
+    x = x.detach().clone()
+    if ctx.distributed:
+        dist.all_reduce(x)
+        x /= ctx.world_size
+    return float(x)
+
+
+def _grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def setup_model(task, cfg: TrainConfig, dims: ParallelDims, ctx: DistContext) -> torch.nn.Module:
+    model = task.build_model()
+    if ctx.distributed:
+        dims.build_mesh(ctx.device.type)
+        opts = ParallelizeOptions(zero_stage=cfg.parallel.zero.stage)
+        model = parallelize_dit(model, dims, opts)
+    return model.to(ctx.device)
+
+
+def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        model.parameters(), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay
+    )
+
+
+def maybe_resume(cfg: TrainConfig, model, optimizer, ctx: DistContext) -> TrainState:
+    if cfg.trainer.resume == "never":
+        return TrainState()
+    if cfg.trainer.resume == "auto":
+        path = ckpt.latest_valid_checkpoint(
+            cfg.run_dir,
+            ctx,
+            on_skip=lambda p, why: log_event(cfg.run_dir, "checkpoint-skipped", path=str(p), reason=why),
+        )
+    else:
+        path = ckpt.Path(cfg.trainer.resume)
+        if not (path / ckpt.MANIFEST).exists():
+            raise ConfigError(
+                "trainer.resume",
+                cfg.trainer.resume,
+                "not a committed checkpoint folder; use auto, never or a step_N path",
+            )
+    if path is None:
+        return TrainState()
+    manifest = ckpt.load_checkpoint(path, model, optimizer, ctx)
+    if ctx.is_main:
+        log_event(cfg.run_dir, "resume", step=manifest["step"], path=str(path))
+    return TrainState(step=manifest["step"], cursor=manifest["data"]["cursor"])
+
+
+def _checkpoint_meta(cfg: TrainConfig, dims: ParallelDims, state: TrainState) -> dict:
+    return {
+        "layout": {
+            "name": dims.layout_name,
+            "dp_replicate": dims.dp_replicate,
+            "dp_shard": dims.dp_shard,
+            "cp": dims.cp,
+            "tp": dims.tp,
+        },
+        "config": to_dict(cfg),
+        "config_hash": config_hash(cfg),
+        "data": {"cursor": state.cursor, "global_batch": cfg.data.batch_size},
+    }
+
+
+def train(cfg: TrainConfig, task, ctx: DistContext) -> TrainState:
+    """Run (or continue) training to cfg.trainer.steps; every rank calls this."""
+    dims = build_dims(cfg.parallel, ctx.world_size)
+    dims.validate_for(task.dit_cfg.num_heads, task.tokens_per_sample)
+    model = setup_model(task, cfg, dims, ctx)
+    optimizer = build_optimizer(model, cfg.optim)
+    state = maybe_resume(cfg, model, optimizer, ctx)
+    if ctx.is_main:
+        log_event(cfg.run_dir, "start", step=state.step, layout=dims.layout_name, world=ctx.world_size)
+    logger = MetricsLogger(
+        cfg.run_dir,
+        ctx.is_main,
+        cfg.trainer.steps,
+        state.step,
+        to_dict(cfg),
+        cfg.metrics.wandb,
+        cfg.metrics.wandb_project,
+        cfg.trainer.progress,
+    )
+    dp_rank, dp = _dp_coords(dims, ctx)
+    try:
+        while state.step < cfg.trainer.steps:
+            _train_step(cfg, task, model, optimizer, state, dp_rank, dp, ctx, logger)
+            if _checkpoint_due(cfg, state.step):
+                ckpt.save_checkpoint(
+                    cfg.run_dir,
+                    state.step,
+                    model,
+                    optimizer,
+                    _checkpoint_meta(cfg, dims, state),
+                    ctx,
+                    cfg.trainer.keep_last,
+                )
+    finally:
+        logger.close()
+    return state
+
+
+def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:
+    every = cfg.trainer.checkpoint_every
+    return step == cfg.trainer.steps or (every > 0 and step % every == 0)
+
+
+def _train_step(
+    cfg, task, model, optimizer, state: TrainState, dp_rank: int, dp: int, ctx: DistContext, logger
+) -> None:
+    t0 = time.perf_counter()
+    step = state.step + 1
+    lr = lr_at(step, cfg.optim, cfg.trainer.steps)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    batch = task.local_batch(step, state.cursor, dp_rank, dp)
+    loss = task.loss(model, batch, ctx.device)
+    loss.backward()
+    grad_norm = _grad_norm(model, cfg.optim.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    state.step, state.cursor = step, state.cursor + cfg.data.batch_size
+    loss_value = _mean_over_world(loss, ctx)
+    state.losses.append(loss_value)
+    if step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps:
+        dt = time.perf_counter() - t0
+        sps = cfg.data.batch_size / dt
+        logger.log(
+            {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "samples_per_s": sps,
+                "tokens_per_s": sps * task.tokens_per_sample,
+                "step_time_s": dt,
+            }
+        )

@@ -1,0 +1,122 @@
+"""What the trainer trains for recipe dit_t2v: the model, each step's batch, and the flow-matching loss.
+
+Every random draw of a sample (noise, time, caption dropout, guidance scale) comes from a generator keyed by
+(seed, step, position in the global batch), so any data-parallel layout sees the same numbers as one rank.
+Legend: b local batch, C latent channels, F latent frames, H, W latent height/width, T text tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vidtron.models.dit import DiT
+from vidtron.models.dit.configs import FLAVORS, DiTConfig
+from vidtron.models.text.encoders import TextBatch, build_text_encoder
+from vidtron.platform.config import TrainConfig
+from vidtron.platform.data.sampler import GlobalSampler
+from vidtron.platform.errors import ConfigError
+from vidtron.recipes.dit_t2v.data import LatentSet, build_latent_set, load_autoencoder
+from vidtron.recipes.dit_t2v.flow_matching import (
+    logit_normal_t,
+    noisy_latents,
+    sample_generator,
+    sigma_from_t,
+    timestep_from_sigma,
+    velocity_target,
+)
+
+
+def dit_config(flavor: str) -> DiTConfig:
+    if flavor not in FLAVORS:
+        raise ConfigError("model.flavor", flavor, f"choose one of {sorted(FLAVORS)}")
+    return FLAVORS[flavor]
+
+
+class DiTTextToVideo:
+    """The dit_t2v task: a DiT learning the flow-matching velocity of latents given their captions."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.dit_cfg = dit_config(cfg.model.flavor)
+        self.text_encoder = build_text_encoder(
+            cfg.text.encoder,
+            self.dit_cfg.text_dim,
+            self.dit_cfg.pooled_dim,
+            cfg.text.max_tokens,
+            cfg.text.llm_path,
+            cfg.text.clip_path,
+        )
+        self.autoencoder = load_autoencoder(cfg.data.root)
+        self.data: LatentSet = build_latent_set(cfg.data, self.text_encoder, self.autoencoder)
+        self.sampler = GlobalSampler(len(self.data.keys), cfg.seed)
+        _, c, f, h, w = self.data.latents.shape
+        p, pt = self.dit_cfg.patch_size, self.dit_cfg.patch_size_t
+        self.tokens_per_sample = (f // pt) * (h // p) * (w // p)
+        if c != self.dit_cfg.in_channels:
+            raise ConfigError(
+                "model.flavor", cfg.model.flavor, f"expects {self.dit_cfg.in_channels} latent channels, data has {c}"
+            )
+
+    def build_model(self, device: torch.device | str = "cpu") -> DiT:
+        """The full model, initialised from the run seed (identical on every rank before sharding)."""
+        torch.manual_seed(self.cfg.seed)
+        with torch.device(device):
+            model = DiT(self.dit_cfg)
+        model.init_weights()
+        return model
+
+    def local_batch(self, step: int, cursor: int, dp_rank: int, dp: int) -> dict:
+        """This data-parallel rank's slice of global batch `step` (stream position `cursor`)."""
+        batch = self.cfg.data.batch_size
+        idx = self.sampler.global_indices(cursor, batch)
+        part = GlobalSampler.local_slice(batch, dp_rank, dp)
+        draws = [self._draw(step, pos) for pos in range(batch)[part]]
+        rows = torch.tensor(idx[part])
+        drop = torch.tensor([d["drop"] for d in draws])
+        text = _select_text(self.data.text.index(rows), self.data.uncond, drop)
+        return {
+            "latents": self.data.latents[rows],  # [b, C, F, H, W]
+            "noise": torch.stack([d["noise"] for d in draws]),  # [b, C, F, H, W]
+            "sigma": torch.stack([d["sigma"] for d in draws]),  # [b]
+            "guidance": torch.stack([d["guidance"] for d in draws]),  # [b], diffusers units (scale * 1000)
+            "text": text,
+            "indices": idx[part],
+        }
+
+    def _draw(self, step: int, pos: int) -> dict:
+        gen = sample_generator(self.cfg.seed, step, pos)
+        flow = self.cfg.flow
+        t = logit_normal_t(gen, flow.logit_mean, flow.logit_std)
+        noise = torch.randn(self.data.latents.shape[1:], generator=gen)
+        drop = bool(torch.rand((), generator=gen) < self.cfg.data.caption_dropout)
+        scale = flow.guidance_min + (flow.guidance_max - flow.guidance_min) * torch.rand((), generator=gen)
+        return {"sigma": sigma_from_t(t), "noise": noise, "drop": drop, "guidance": scale * 1000.0}
+
+    def loss(self, model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+        x1, x0 = batch["latents"].to(device), batch["noise"].to(device)
+        sigma = batch["sigma"].to(device)
+        text: TextBatch = batch["text"]
+        guidance = batch["guidance"].to(device) if self.dit_cfg.guidance_embeds else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.trainer.bf16):
+            v = model(
+                noisy_latents(x1, x0, sigma),
+                timestep_from_sigma(sigma),
+                text.states.to(device),
+                text.mask.to(device),
+                text.pooled.to(device),
+                guidance,
+            )
+        return F.mse_loss(v.float(), velocity_target(x1, x0))
+
+
+def _select_text(text: TextBatch, uncond: TextBatch, drop_b: torch.Tensor) -> TextBatch:
+    """Replace dropped captions with the empty caption's encoding."""
+    if not bool(drop_b.any()):
+        return text
+    m = drop_b.view(-1, 1)
+    return TextBatch(
+        states=torch.where(m.unsqueeze(-1), uncond.states, text.states),
+        mask=torch.where(m, uncond.mask, text.mask),
+        pooled=torch.where(m, uncond.pooled, text.pooled),
+    )
