@@ -26,7 +26,7 @@ from vidtron.recipes.dit_t2v.task import DiTTextToVideo, dit_config
 def preflight(cfg: TrainConfig, world_size: int) -> None:
     """Everything that can be checked without starting processes."""
     list_shards(cfg.data.root)
-    dit = dit_config(cfg.model.flavor)
+    dit = dit_config(cfg.model.flavor, cfg.model.arch_overrides())
     dims = build_dims(cfg.parallel, world_size)
     latent = (1 + (cfg.data.frames - 1) // 4, cfg.data.height // 8, cfg.data.width // 8)
     tokens = (latent[0] // dit.patch_size_t) * (latent[1] // dit.patch_size) * (latent[2] // dit.patch_size)

@@ -17,6 +17,21 @@ RECIPES = ("dit_t2v",)
 class ModelConfig:
     flavor: str = "dit-tiny"  # a name from vidtron.models.dit.configs.FLAVORS
     init_from: str = ""  # optional diffusers-layout safetensors file (or folder) to start from
+    num_heads: int = 0  # 0 = the flavor's; otherwise overrides it (width = num_heads * head_dim)
+    head_dim: int = 0  # 0 = the flavor's
+    num_double_blocks: int = -1  # -1 = the flavor's
+    num_single_blocks: int = -1  # -1 = the flavor's
+
+    def arch_overrides(self) -> dict:
+        """The DiTConfig fields this config overrides (used by scaling sweeps to build model families)."""
+        fields = {"num_heads": self.num_heads, "head_dim": self.head_dim}
+        out = {k: v for k, v in fields.items() if v > 0}
+        out |= {
+            k: v
+            for k, v in (("num_double_blocks", self.num_double_blocks), ("num_single_blocks", self.num_single_blocks))
+            if v >= 0
+        }
+        return out
 
 
 @dataclass

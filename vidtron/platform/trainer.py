@@ -31,6 +31,7 @@ class TrainState:
     step: int = 0  # completed optimizer steps
     cursor: int = 0  # samples of the global stream consumed
     losses: list[float] = field(default_factory=list)  # this process's logged losses, for tests and summaries
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the (parallelized) model after training
 
 
 def build_dims(p: ParallelConfig, world_size: int) -> ParallelDims:
@@ -171,6 +172,7 @@ def train(cfg: TrainConfig, task, ctx: DistContext) -> TrainState:
                 )
     finally:
         logger.close()
+    state.model = model
     return state
 
 

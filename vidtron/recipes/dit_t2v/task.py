@@ -7,6 +7,8 @@ Legend: b local batch, C latent channels, F latent frames, H, W latent height/wi
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -27,10 +29,22 @@ from vidtron.recipes.dit_t2v.flow_matching import (
 )
 
 
-def dit_config(flavor: str) -> DiTConfig:
+def dit_config(flavor: str, overrides: dict | None = None) -> DiTConfig:
+    """The flavor's DiTConfig with `overrides` applied (head_dim changes rescale the RoPE axes)."""
     if flavor not in FLAVORS:
         raise ConfigError("model.flavor", flavor, f"choose one of {sorted(FLAVORS)}")
-    return FLAVORS[flavor]
+    cfg = FLAVORS[flavor]
+    overrides = dict(overrides or {})
+    if "head_dim" in overrides and overrides["head_dim"] != cfg.head_dim:
+        overrides["rope_axes_dim"] = rope_axes_for(overrides["head_dim"])
+    return dataclasses.replace(cfg, **overrides)
+
+
+def rope_axes_for(head_dim: int) -> tuple[int, int, int]:
+    """Split head_dim over (t, h, w) RoPE axes like HunyuanVideo's (16, 56, 56) of 128: even parts, t ~ 1/8."""
+    t = max(2, (head_dim // 8) // 2 * 2)
+    hw = (head_dim - t) // 2 // 2 * 2
+    return (head_dim - 2 * hw, hw, hw)
 
 
 class DiTTextToVideo:
@@ -38,7 +52,7 @@ class DiTTextToVideo:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.dit_cfg = dit_config(cfg.model.flavor)
+        self.dit_cfg = dit_config(cfg.model.flavor, cfg.model.arch_overrides())
         self.text_encoder = build_text_encoder(
             cfg.text.encoder,
             self.dit_cfg.text_dim,
