@@ -105,6 +105,7 @@ class TrainerConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_last: int = 3  # committed checkpoints kept (older ones are deleted)
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir/checkpoints; never; or a checkpoint path
+    stop_after_steps: int = 0  # stop (with a checkpoint) after this many steps in this process; 0 = run to the end
     log_every: int = 1  # steps between metric records
     bf16: bool = False  # bf16 autocast for the model forward
     progress: bool = True  # a progress bar on rank 0 when stdout is a terminal

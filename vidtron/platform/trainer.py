@@ -158,22 +158,23 @@ def train(cfg: TrainConfig, task, ctx: DistContext) -> TrainState:
     )
     dp_rank, dp = _dp_coords(dims, ctx)
     try:
-        while state.step < cfg.trainer.steps:
+        end = _last_step(cfg, state.step)
+        while state.step < end:
             _train_step(cfg, task, model, optimizer, state, dp_rank, dp, ctx, logger)
-            if _checkpoint_due(cfg, state.step):
-                ckpt.save_checkpoint(
-                    cfg.run_dir,
-                    state.step,
-                    model,
-                    optimizer,
-                    _checkpoint_meta(cfg, dims, state),
-                    ctx,
-                    cfg.trainer.keep_last,
-                )
+            if _checkpoint_due(cfg, state.step) or state.step == end:
+                meta = _checkpoint_meta(cfg, dims, state)
+                ckpt.save_checkpoint(cfg.run_dir, state.step, model, optimizer, meta, ctx, cfg.trainer.keep_last)
     finally:
         logger.close()
     state.model = model
     return state
+
+
+def _last_step(cfg: TrainConfig, start: int) -> int:
+    """Where this process stops: the end of training, or earlier with trainer.stop_after_steps."""
+    if cfg.trainer.stop_after_steps > 0:
+        return min(cfg.trainer.steps, start + cfg.trainer.stop_after_steps)
+    return cfg.trainer.steps
 
 
 def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:

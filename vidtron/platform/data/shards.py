@@ -30,7 +30,7 @@ class Clip:
 def write_shard(path: Path, samples: list[tuple[str, np.ndarray, dict]]) -> None:
     """Write one .tar shard via a temporary file renamed into place (never half-written)."""
     tmp = path.with_name(path.name + ".tmp")
-    with wds.TarWriter(str(tmp)) as sink:
+    with wds.TarWriter(str(tmp), mtime=0.0) as sink:  # fixed mtime: byte-identical shards per seed
         for key, video, meta in samples:
             buf = io.BytesIO()
             np.save(buf, video, allow_pickle=False)
