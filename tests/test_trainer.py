@@ -73,3 +73,13 @@ def test_two_processes_via_launcher(synth_data, tmp_path):
     assert max(abs(x - y) for x, y in zip(two, single.losses)) < 1e-5
     manifest = json.loads((committed_checkpoints(tmp_path / "two")[-1] / "manifest.json").read_text())
     assert manifest["layout"]["dp_shard"] == 2 and manifest["data"]["cursor"] == 4 * 8
+
+
+def test_wandb_offline_run_is_written(synth_data, tmp_path, monkeypatch):
+    """Real wandb in offline mode: a run folder with the logged history appears under run_dir/wandb."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    run_training(synth_data, run, "trainer.steps=2", "metrics.wandb=true")
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert (run / "wandb_run_id").read_text().strip() in runs[0].name

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 import warnings
@@ -65,7 +66,7 @@ class MetricsLogger:
             import wandb
 
             id_file = Path(run_dir) / "wandb_run_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
             id_file.write_text(run_id)
             return wandb.init(
                 project=project,
