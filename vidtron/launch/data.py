@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from vidtron.launch.cli import user_errors
 from vidtron.models.vae.patch_pca import PatchPCAAutoencoder
+from vidtron.platform.config import check_clip_shape
 from vidtron.platform.data.shards import read_clips, write_shard
 from vidtron.platform.data.synth import clip_spec, render_clip
 from vidtron.platform.errors import ConfigError
@@ -28,13 +29,7 @@ from vidtron.recipes.dit_t2v.data import AE_FILE, videos_to_tensor
 def _check_synth_args(a: argparse.Namespace) -> None:
     if a.clips < 1:
         raise ConfigError("--clips", a.clips, "must be >= 1")
-    if a.frames < 1 or (a.frames - 1) % 4:
-        near = 4 * ((max(a.frames, 1) - 1) // 4) + 1
-        raise ConfigError("--frames", a.frames, f"must be 4k+1 (e.g. {near} or {near + 4})")
-    for name in ("height", "width"):
-        value = getattr(a, name)
-        if value < 16 or value % 16:
-            raise ConfigError(f"--{name}", value, "must be a positive multiple of 16")
+    check_clip_shape(a.frames, a.height, a.width, ("--frames", "--height", "--width"))
     if a.shard_size < 1:
         raise ConfigError("--shard-size", a.shard_size, "must be >= 1")
     out = Path(a.out)

@@ -48,6 +48,16 @@ class TextConfig:
             raise ConfigError("text.max_tokens", self.max_tokens, "must be >= 1")
 
 
+def check_clip_shape(frames: int, height: int, width: int, names: tuple[str, str, str]) -> None:
+    """Pixel clips must be 4k+1 frames (VAE 4x in time after the first frame) and 16-divisible (VAE 8x, patch 2)."""
+    if frames < 1 or (frames - 1) % 4:
+        near = 4 * ((max(frames, 1) - 1) // 4) + 1
+        raise ConfigError(names[0], frames, f"must be 4k+1 (e.g. {near} or {near + 4})")
+    for name, value in zip(names[1:], (height, width)):
+        if value < 16 or value % 16:
+            raise ConfigError(name, value, f"must be a positive multiple of 16 (e.g. {max(16, value // 16 * 16)})")
+
+
 @dataclass
 class DataConfig:
     root: str = ""  # folder with webdataset shards (*.tar) written by `vidtron-data synth`
@@ -58,15 +68,7 @@ class DataConfig:
     caption_dropout: float = 0.1  # probability of an empty caption (trains the unconditional branch for CFG)
 
     def __post_init__(self) -> None:
-        if self.frames < 1 or (self.frames - 1) % 4:
-            near = 4 * ((max(self.frames, 1) - 1) // 4) + 1
-            raise ConfigError("data.frames", self.frames, f"must be 4k+1 (e.g. {near} or {near + 4})")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value < 16 or value % 16:
-                raise ConfigError(
-                    f"data.{name}", value, f"must be a positive multiple of 16 (e.g. {max(16, value // 16 * 16)})"
-                )
+        check_clip_shape(self.frames, self.height, self.width, ("data.frames", "data.height", "data.width"))
         if self.batch_size < 1:
             raise ConfigError("data.batch_size", self.batch_size, "must be >= 1")
         if not 0.0 <= self.caption_dropout < 1.0:
