@@ -84,21 +84,31 @@ class ParallelDims:
                 f"set launcher.nproc_per_node={self.world_size} or change the layout",
             )
 
-    def validate_for(self, heads: int, video_tokens: int) -> None:
-        """Check that this layout can split a model with `heads` heads over `video_tokens` tokens."""
+    def validate_for(self, heads: int, video_tokens: int | None = None, mlp_hidden: int | None = None) -> None:
+        """Check that this layout can split a model with `heads` heads and MLP hidden `mlp_hidden` over
+        `video_tokens` tokens (None: skip that check). Errors name the valid choices."""
         if heads % self.tp:
             raise ConfigError("parallel.tp", self.tp, f"must divide the {heads} heads; valid: {_divisors(heads)}")
+        if mlp_hidden is not None and mlp_hidden % self.tp:
+            valid = [d for d in _divisors(heads) if mlp_hidden % d == 0]
+            raise ConfigError(
+                "parallel.tp", self.tp, f"must divide the MLP hidden size {mlp_hidden} and the heads; valid: {valid}"
+            )
         local_heads = heads // self.tp
         if local_heads % self.ulysses:
             valid = [d for d in _divisors(self.cp) if local_heads % d == 0]
             raise ConfigError(
                 "parallel.ulysses",
                 self.ulysses,
-                f"must divide the {local_heads} heads per TP rank; valid Ulysses degrees for cp={self.cp}: {valid}",
+                f"must divide the {local_heads} heads per TP rank (heads {heads} / tp {self.tp}); "
+                f"valid Ulysses degrees for cp={self.cp}: {valid}",
             )
-        if video_tokens < self.cp * self.tp:
+        if video_tokens is not None and video_tokens < self.cp * self.tp:
             raise ConfigError(
-                "parallel.cp", self.cp, f"{video_tokens} video tokens cannot be split over cp*tp={self.cp * self.tp}"
+                "parallel.cp",
+                self.cp,
+                f"{video_tokens} video tokens cannot be split over cp*tp={self.cp * self.tp}; "
+                f"with tp={self.tp} use cp <= {video_tokens // self.tp} (or a larger video)",
             )
 
     # ---- mesh ----

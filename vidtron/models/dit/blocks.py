@@ -6,9 +6,22 @@ M MLP hidden, P output channels per token (patch volume x out channels).
 Every joint attention goes through `self.attn_core(q, k, v, text_mask)` with q, k, v `[B, N, L, Dh]` after
 qk-norm and RoPE (video tokens only), ordered [video; text] -- see vidtron/kernels/attention.py. The core is
 swapped from outside (context parallel, sparse); nothing here depends on which core is plugged in.
+
+Seams for tensor / sequence parallelism (vidtron/parallel/tensor_parallel.py), all identities on one device:
+- the attention-side token counts come from q/k/v, not from the residual streams, because under sequence
+  parallelism a rank's residual stream holds only its token shard while attention sees the gathered tokens;
+- the single-stream block joins [video; text] in `self.join` (`TokenJoin`) after the per-token norm and
+  modulation, and splits the output projection in `self.split` (`TokenSplit`): the places where SP gathers /
+  reduce-scatters each stream;
+- `SingleStreamBlock.out.weight` orders its input columns in G = gcd(D, M) groups of [D/G attention; M/G MLP]
+  features (`interleave_attn_mlp`), so a contiguous column shard holds matching attention heads and MLP features
+  for any TP degree that divides the heads and M (Megatron keeps its fused QKV per head for the same reason).
+  diffusers' `proj_out` orders them [attention (D); MLP (M)]; state_dict_adapter converts.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -71,9 +84,9 @@ class DoubleStreamBlock(nn.Module):
             torch.cat([img_v, txt_v], dim=1),
             rope,
             text_mask_BT,
-            num_text=txt_BTD.shape[1],
+            num_text=txt_q.shape[1],
         )
-        V = img_BVD.shape[1]
+        V = img_q.shape[1]  # video tokens in attention (under SP: all of them, while img_BVD holds a shard)
         img_BVD = img_BVD + self.img_attn.o(attn_BLD[:, :V]) * img_m[2][:, None]
         txt_BTD = txt_BTD + self.txt_attn.o(attn_BLD[:, V:]) * txt_m[2][:, None]
         img_BVD = img_BVD + img_m[5][:, None] * self.img_mlp(modulate(layer_norm(img_BVD), img_m[3], img_m[4]))
@@ -83,14 +96,18 @@ class DoubleStreamBlock(nn.Module):
 
 class SingleStreamBlock(nn.Module):
     """One stream over [video; text]: attention and a gelu-tanh MLP in parallel from the same modulated
-    input, one output linear over cat([attention, MLP hidden]), adaLN-zero (shift, scale, gate)."""
+    input, one output linear over [attention, MLP hidden] (columns interleaved, see the module doc), adaLN-zero
+    (shift, scale, gate)."""
 
     def __init__(self, dim: int, head_dim: int, mlp_hidden: int):
         super().__init__()
         self.mod = nn.Linear(dim, 3 * dim)  # -> shift, scale, gate
         self.attn = QKVProjection(dim, head_dim, qk_norm=True, out=False)
         self.mlp_in = nn.Linear(dim, mlp_hidden)
-        self.out = nn.Linear(dim + mlp_hidden, dim)  # row-parallel over [attention (D); MLP hidden (M)]
+        self.out = nn.Linear(dim + mlp_hidden, dim)  # row-parallel; input columns from interleave_attn_mlp
+        groups = math.gcd(dim, mlp_hidden)  # G column groups of out.weight, each [D/G attention; M/G MLP]
+        self.out_group_widths = (dim // groups, mlp_hidden // groups)
+        self.join, self.split = TokenJoin(), TokenSplit()
         self.attn_core = DenseAttention()
 
     def forward(
@@ -101,14 +118,42 @@ class SingleStreamBlock(nn.Module):
         rope: Rope,
         text_mask_BT: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        x_BLD = torch.cat([img_BVD, txt_BTD], dim=1)
         shift_BD, scale_BD, gate_BD = self.mod(F.silu(cond_BD)).chunk(3, dim=1)
-        h_BLD = modulate(layer_norm(x_BLD), shift_BD, scale_BD)
+        h_img_BVD = modulate(layer_norm(img_BVD), shift_BD, scale_BD)  # per token: the same as on [video; text]
+        h_txt_BTD = modulate(layer_norm(txt_BTD), shift_BD, scale_BD)
+        h_BLD, num_text = self.join(h_img_BVD, h_txt_BTD)  # [B, L, D], L = V + T
         mlp_BLM = F.gelu(self.mlp_in(h_BLD), approximate="tanh")
         q, k, v = self.attn(h_BLD)  # [B, L, N, Dh]
-        attn_BLD = joint_attention(self.attn_core, q, k, v, rope, text_mask_BT, num_text=txt_BTD.shape[1])
-        x_BLD = gate_BD[:, None] * self.out(torch.cat([attn_BLD, mlp_BLM], dim=2)) + x_BLD
-        V = img_BVD.shape[1]
+        attn_BLD = joint_attention(self.attn_core, q, k, v, rope, text_mask_BT, num_text=num_text)
+        out_BLD = self.out(interleave_attn_mlp(attn_BLD, mlp_BLM, *self.out_group_widths))
+        out_img_BVD, out_txt_BTD = self.split(out_BLD, num_text)
+        return img_BVD + gate_BD[:, None] * out_img_BVD, txt_BTD + gate_BD[:, None] * out_txt_BTD
+
+
+def interleave_attn_mlp(attn_BLD: torch.Tensor, mlp_BLM: torch.Tensor, a_w: int, m_w: int) -> torch.Tensor:
+    """The input of `SingleStreamBlock.out`: groups of [a_w attention; m_w MLP] features, `[B, L, D + M]`.
+
+    Works on a TP rank's local slices too (`[B, L, D/tp]`, `[B, L, M/tp]`): the group widths are fixed, so the
+    local result is exactly that rank's contiguous column shard of the global one."""
+    a_BLGa = attn_BLD.unflatten(-1, (-1, a_w))
+    m_BLGm = mlp_BLM.unflatten(-1, (-1, m_w))
+    return torch.cat([a_BLGa, m_BLGm], dim=-1).flatten(2)
+
+
+class TokenJoin(nn.Module):
+    """`(img [B, V, D], txt [B, T, D]) -> ([video; text] [B, V + T, D], T)`: the seam where SP gathers the token
+    shards of both streams (no parameters; an identity-like concat on one device)."""
+
+    def forward(self, img_BVD: torch.Tensor, txt_BTD: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return torch.cat([img_BVD, txt_BTD], dim=1), txt_BTD.shape[1]
+
+
+class TokenSplit(nn.Module):
+    """`([video; text] [B, V + T, D], T) -> (img [B, V, D], txt [B, T, D])`: the seam where SP reduce-scatters the
+    row-parallel output back to each stream's token shard."""
+
+    def forward(self, x_BLD: torch.Tensor, num_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+        V = x_BLD.shape[1] - num_text
         return x_BLD[:, :V], x_BLD[:, V:]
 
 

@@ -1,12 +1,15 @@
 """Parameter names: ours <-> diffusers' `HunyuanVideoTransformer3DModel`.
 
-The two layouts hold the same tensors (same shapes), so the mapping is a pure rename of module paths; the
-parameter leaf (`weight`, `bias`) is kept. `{i}` stands for a block index. This table is the only place that
-knows diffusers' names.
+The two layouts hold the same tensors (same shapes), so the mapping is a rename of module paths; the parameter
+leaf (`weight`, `bias`) is kept. `{i}` stands for a block index. This table is the only place that knows
+diffusers' names. One tensor is also reordered: the input columns of a single-stream block's output projection
+(ours: G = gcd(D, M) groups of [D/G attention; M/G MLP], so tensor parallelism can shard it contiguously;
+diffusers' `proj_out`: [attention (D); MLP (M)]); see `blocks.interleave_attn_mlp`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
@@ -116,11 +119,40 @@ def from_diffusers_key(key: str) -> str:
     return _rename(key, _DIFFUSERS_TO_OURS, "diffusers")
 
 
+_SINGLE_OUT = re.compile(r"single_blocks\.\d+\.out\.weight")
+
+
+def _single_out_groups(weight: torch.Tensor) -> tuple[int, int, int]:
+    """(G, D/G, M/G) of a single-stream output weight `[D, D + M]`."""
+    D, M = weight.shape[0], weight.shape[1] - weight.shape[0]
+    G = math.gcd(D, M)
+    return G, D // G, M // G
+
+
+def single_out_to_diffusers(weight: torch.Tensor) -> torch.Tensor:
+    """Columns G x [D/G attention; M/G MLP] (ours) -> [attention (D); MLP (M)] (diffusers' proj_out)."""
+    G, a_w, m_w = _single_out_groups(weight)
+    w_DGw = weight.unflatten(1, (G, a_w + m_w))
+    return torch.cat([w_DGw[..., :a_w].flatten(1), w_DGw[..., a_w:].flatten(1)], dim=1)
+
+
+def single_out_from_diffusers(weight: torch.Tensor) -> torch.Tensor:
+    """Inverse of single_out_to_diffusers."""
+    G, a_w, m_w = _single_out_groups(weight)
+    D = G * a_w
+    attn_DGa, mlp_DGm = weight[:, :D].unflatten(1, (G, a_w)), weight[:, D:].unflatten(1, (G, m_w))
+    return torch.cat([attn_DGa, mlp_DGm], dim=2).flatten(1)
+
+
 def to_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict -> diffusers' (same tensors, renamed). Unknown keys raise KeyError."""
-    return {to_diffusers_key(k): v for k, v in state_dict.items()}
+    """Our state dict -> diffusers' (renamed; single-stream out columns reordered). Unknown keys raise KeyError."""
+    return {
+        to_diffusers_key(k): single_out_to_diffusers(v) if _SINGLE_OUT.fullmatch(k) else v
+        for k, v in state_dict.items()
+    }
 
 
 def from_diffusers(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Diffusers' state dict -> ours (same tensors, renamed). Unknown keys raise KeyError."""
-    return {from_diffusers_key(k): v for k, v in state_dict.items()}
+    """Diffusers' state dict -> ours (renamed; single-stream out columns reordered). Unknown keys raise KeyError."""
+    out = {from_diffusers_key(k): v for k, v in state_dict.items()}
+    return {k: single_out_from_diffusers(v) if _SINGLE_OUT.fullmatch(k) else v for k, v in out.items()}
