@@ -3,8 +3,13 @@
 vidtron-data synth --out DIR --clips N --frames F --height H --width W --seed S
     generated clips of moving coloured shapes with captions, as webdataset shards, plus the stand-in
     autoencoder (PCA over 4x8x8 patches) fitted on them. The folder appears complete or not at all.
+    --format mp4|webm writes encoded videos (1-frame clips as png); --durations 5,9,17 --sizes 64x64,48x80
+    draw each clip's length and size from those lists (variable shapes for data.format=video buckets).
 vidtron-data fit-ae --root DIR
     (re)fit the stand-in autoencoder on the clips in DIR.
+vidtron-data encode --root DIR --out DIR2 [--buckets 9x64x64,1x64x64] [--vae FOLDER] [--rank R --world W]
+    run the VAE (stand-in of DIR, or a CausalVAE folder) and the text encoder over DIR once and write latent
+    shards for data.format=latent; ranks split the samples (--rank/--world, else torchrun's RANK/WORLD_SIZE).
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from vidtron.launch.cli import user_errors
+from vidtron.launch.encode import add_encode_parser, run_encode
 from vidtron.models.vae.patch_pca import PatchPCAAutoencoder
 from vidtron.platform.config import check_clip_shape
-from vidtron.platform.data.shards import read_clips, write_shard
+from vidtron.platform.data.index import write_tar
+from vidtron.platform.data.shards import write_shard
 from vidtron.platform.data.synth import clip_spec, render_clip
+from vidtron.platform.data.synth_media import FORMATS, fit_clips, media_sample, parse_durations, parse_sizes
 from vidtron.platform.errors import ConfigError
 from vidtron.recipes.dit_t2v.data import AE_FILE, videos_to_tensor
 
@@ -38,8 +46,7 @@ def _check_synth_args(a: argparse.Namespace) -> None:
 
 
 def fit_autoencoder(root: Path, seed: int = 0) -> None:
-    clips = read_clips(root)
-    ae = PatchPCAAutoencoder().fit(videos_to_tensor([c.video for c in clips]), seed=seed)
+    ae = PatchPCAAutoencoder().fit(videos_to_tensor(fit_clips(root)), seed=seed)
     tmp = root / (AE_FILE + ".tmp")
     save_file(dict(ae.state_dict()), str(tmp))
     os.replace(tmp, root / AE_FILE)
@@ -52,6 +59,13 @@ def synth(a: argparse.Namespace) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     for first in range(0, a.clips, a.shard_size):
+        if a.format != "npy" or a.durations or a.sizes:  # encoded media and/or varied shapes
+            durations = parse_durations(a.durations) if a.durations else [a.frames]
+            sizes = parse_sizes(a.sizes) if a.sizes else [(a.height, a.width)]
+            ids = range(first, min(first + a.shard_size, a.clips))
+            samples = [media_sample(a.seed, i, a.format, durations, sizes) for i in ids]
+            write_tar(staging / f"shard-{first // a.shard_size:05d}.tar", samples)
+            continue
         samples = []
         for i in range(first, min(first + a.shard_size, a.clips)):
             spec = clip_spec(a.seed, i)
@@ -98,6 +112,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shard-size", type=int, default=32, help="clips per shard")
     s.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    s.add_argument("--format", choices=FORMATS, default="npy", help="npy arrays (default) or encoded mp4 / webm")
+    s.add_argument("--durations", default="", help="frame counts to draw from, e.g. 5,9,17 (1 = png images)")
+    s.add_argument("--sizes", default="", help="HxW sizes to draw from, e.g. 64x64,48x80")
+    add_encode_parser(sub)
     f = sub.add_parser("fit-ae", help="fit the stand-in autoencoder on the clips in --root")
     f.add_argument("--root", required=True)
     f.add_argument("--seed", type=int, default=0)
@@ -110,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "synth":
         out = synth(a)
         print(f"wrote {a.clips} clips to {out}")
+    elif a.cmd == "encode":
+        print(run_encode(a))
     elif a.cmd == "fit-ae":
         fit_autoencoder(Path(a.root), a.seed)
         print(f"wrote {Path(a.root) / AE_FILE}")

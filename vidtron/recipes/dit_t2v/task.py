@@ -27,6 +27,7 @@ from vidtron.recipes.dit_t2v.flow_matching import (
     timestep_from_sigma,
     velocity_target,
 )
+from vidtron.recipes.dit_t2v.stream import StreamData
 
 
 def dit_config(flavor: str, overrides: dict | None = None) -> DiTConfig:
@@ -61,6 +62,11 @@ class DiTTextToVideo:
             cfg.text.llm_path,
             cfg.text.clip_path,
         )
+        self.stream: StreamData | None = None
+        if cfg.data.format != "memory":  # bucketed clips (or cached latents) read per step; cursor counts batches
+            self.stream = StreamData(cfg, self.text_encoder, self.dit_cfg)
+            self.tokens_per_sample = self.stream.tokens_per_sample
+            return
         self.autoencoder = load_autoencoder(cfg.data.root)
         self.data: LatentSet = build_latent_set(cfg.data, self.text_encoder, self.autoencoder)
         self.sampler = GlobalSampler(len(self.data.keys), cfg.seed)
@@ -82,10 +88,12 @@ class DiTTextToVideo:
 
     def local_batch(self, step: int, cursor: int, dp_rank: int, dp: int) -> dict:
         """This data-parallel rank's slice of global batch `step` (stream position `cursor`)."""
+        if self.stream is not None:
+            return self._stream_batch(step, cursor, dp_rank, dp)
         batch = self.cfg.data.batch_size
         idx = self.sampler.global_indices(cursor, batch)
         part = GlobalSampler.local_slice(batch, dp_rank, dp)
-        draws = [self._draw(step, pos) for pos in range(batch)[part]]
+        draws = [self._draw(step, pos, self.data.latents.shape[1:]) for pos in range(batch)[part]]
         rows = torch.tensor(idx[part])
         drop = torch.tensor([d["drop"] for d in draws])
         text = _select_text(self.data.text.index(rows), self.data.uncond, drop)
@@ -98,11 +106,33 @@ class DiTTextToVideo:
             "indices": idx[part],
         }
 
-    def _draw(self, step: int, pos: int) -> dict:
+    def _stream_batch(self, step: int, cursor: int, dp_rank: int, dp: int) -> dict:
+        """Rows of the bucketed global batch `cursor`; weight-0 rows (padding, unreadable) add nothing to the loss."""
+        latents, text, lb = self.stream.batch(cursor, dp_rank, dp)
+        draws = [self._draw(step, pos, latents.shape[1:]) for pos in lb.positions]
+        drop = torch.tensor([d["drop"] for d in draws])
+        return {
+            "latents": latents,  # [b, C, F, H, W]
+            "noise": torch.stack([d["noise"] for d in draws]),  # [b, C, F, H, W]
+            "sigma": torch.stack([d["sigma"] for d in draws]),  # [b]
+            "guidance": torch.stack([d["guidance"] for d in draws]),  # [b]
+            "text": _select_text(text, self.stream.uncond, drop),
+            "weight": lb.weight,  # [b]
+            "loss_scale": dp / lb.global_samples,  # sum of weighted per-sample losses -> this rank's share of the mean
+            "indices": [None if it is None else it.sample for it in lb.items],
+            "global_samples": lb.global_samples,
+            "global_tokens": lb.global_samples * self.stream.tokens(lb.bucket),
+        }
+
+    def next_cursor(self, cursor: int) -> int:
+        """The data position after the global batch at `cursor`: + 1 batch (buckets) or + batch_size samples."""
+        return cursor + (1 if self.stream is not None else self.cfg.data.batch_size)
+
+    def _draw(self, step: int, pos: int, shape: torch.Size) -> dict:
         gen = sample_generator(self.cfg.seed, step, pos)
         flow = self.cfg.flow
         t = logit_normal_t(gen, flow.logit_mean, flow.logit_std)
-        noise = torch.randn(self.data.latents.shape[1:], generator=gen)
+        noise = torch.randn(shape, generator=gen)
         drop = bool(torch.rand((), generator=gen) < self.cfg.data.caption_dropout)
         scale = flow.guidance_min + (flow.guidance_max - flow.guidance_min) * torch.rand((), generator=gen)
         return {"sigma": sigma_from_t(t), "noise": noise, "drop": drop, "guidance": scale * 1000.0}
@@ -121,7 +151,10 @@ class DiTTextToVideo:
                 text.pooled.to(device),
                 guidance,
             )
-        return F.mse_loss(v.float(), velocity_target(x1, x0))
+        if "weight" not in batch:
+            return F.mse_loss(v.float(), velocity_target(x1, x0))
+        per_sample = (v.float() - velocity_target(x1, x0)).pow(2).flatten(1).mean(1)  # [b]
+        return (per_sample * batch["weight"].to(device)).sum() * batch["loss_scale"]
 
 
 def _select_text(text: TextBatch, uncond: TextBatch, drop_b: torch.Tensor) -> TextBatch:
