@@ -1,0 +1,303 @@
+"""Streaming export of a DCP training checkpoint to consolidated, sharded safetensors.
+
+Formats (`FORMATS`), each a folder with `config.json` and weights named like Hugging Face's sharded files
+(`<prefix>.safetensors`, or `<prefix>-0000i-of-0000n.safetensors` + `<prefix>.safetensors.index.json`):
+
+    safetensors  our parameter names, config.json = our DiTConfig               prefix `model`
+    diffusers    `HunyuanVideoTransformer3DModel.from_pretrained(folder)` loads   prefix `diffusion_pytorch_model`
+    hunyuan      the original HunyuanVideo repository's names and fused tensors  prefix `model`
+
+The conversion is the in-memory one (`to_diffusers`, `to_hunyuan`), applied to one group of tensors at a time:
+a format's `groups` says which of our tensors convert together (a fused q;k;v needs its three pieces).
+
+Memory: the export holds about one output shard. Everything is planned on the meta device from the DCP
+metadata (names, shapes, dtypes: the conversion of meta tensors gives the output names and sizes), groups are
+packed into shards of at most `max_shard_bytes`, and for each shard DCP loads just that shard's source tensors
+(allocated in the output dtype: DCP casts while copying) -- resharding whatever layout saved them (FSDP, HSDP,
+one process). Groups are converted one by one, each group's sources dropped as its outputs appear, so the peak
+is the shard plus the largest group. The folder is written to `<out>.tmp-<pid>/` and renamed to `<out>` when
+complete; a failed export leaves no output folder behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from vidtron.models.dit import DiT
+from vidtron.models.dit.configs import DiTConfig, to_diffusers_config
+from vidtron.models.dit.hunyuan_adapter import hunyuan_groups, to_hunyuan, to_hunyuan_config
+from vidtron.models.dit.state_dict_adapter import to_diffusers
+from vidtron.platform.checkpoint import MANIFEST, SafeFileSystemReader, verify
+from vidtron.platform.errors import ConfigError, DataError
+
+MODEL_PREFIX = "model."  # the trainer saves {"model": ..., "optim": ...}; DCP flattens to "model.<name>"
+DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+StateDict = dict[str, torch.Tensor]
+
+
+class Source(NamedTuple):
+    """One model tensor of the checkpoint, from the DCP metadata."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Format:
+    weights: str  # file prefix of the weights
+    groups: Callable[[Iterable[str]], list[list[str]]]  # our names -> groups that convert to whole outputs
+    convert: Callable[[StateDict], StateDict]  # our (partial) state dict -> this format's
+    config: Callable[[DiTConfig], dict]  # config.json
+
+
+def _one_each(keys: Iterable[str]) -> list[list[str]]:
+    return [[k] for k in keys]
+
+
+def _our_config(cfg: DiTConfig) -> dict:
+    return {**dataclasses.asdict(cfg), "rope_axes_dim": list(cfg.rope_axes_dim)}
+
+
+def _diffusers_config(cfg: DiTConfig) -> dict:
+    try:
+        version = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        version = "0.32.0"  # the first release with HunyuanVideoTransformer3DModel
+    return {"_class_name": "HunyuanVideoTransformer3DModel", "_diffusers_version": version, **to_diffusers_config(cfg)}
+
+
+FORMATS: dict[str, Format] = {
+    "safetensors": Format("model", _one_each, dict, _our_config),
+    "diffusers": Format("diffusion_pytorch_model", _one_each, to_diffusers, _diffusers_config),
+    "hunyuan": Format("model", hunyuan_groups, to_hunyuan, to_hunyuan_config),
+}
+
+
+class Group(NamedTuple):
+    """Our tensors that convert together, and the output tensors (name -> bytes) they become."""
+
+    sources: list[str]
+    outputs: dict[str, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.outputs.values())
+
+
+@dataclass
+class ExportReport:
+    """What an export wrote, and the most bytes of tensors it held at once."""
+
+    out: Path
+    files: list[str]  # weight files, in order
+    total_bytes: int  # bytes of all output tensors
+    largest_shard_bytes: int  # bytes of tensors in the largest weight file
+    peak_held_bytes: int  # most bytes of tensors alive at once (a shard's sources/outputs + one group's new tensors)
+    num_tensors: int
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9 bytes, '512MiB' -> 512 * 2**20, '1000' -> 1000 (Hugging Face's max_shard_size syntax)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
+    if not match:
+        raise ConfigError("--max-shard-size", text, "give a size such as 5GB, 500MB, 2GiB or a number of bytes")
+    number, unit = float(match.group(1)), match.group(2).rstrip("B")
+    base = 1024 if unit.endswith("I") else 1000
+    size = int(number * base ** " KMGT".index(unit.rstrip("I") or " "))
+    if size < 1:
+        raise ConfigError("--max-shard-size", text, "must be at least 1 byte")
+    return size
+
+
+def checkpoint_sources(ckpt: Path) -> dict[str, Source]:
+    """Our parameter name -> shape and dtype, for every model tensor of a DCP checkpoint (nothing is loaded)."""
+    metadata = SafeFileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    return {
+        fqn.removeprefix(MODEL_PREFIX): Source(md.size, md.properties.dtype)
+        for fqn, md in metadata.items()
+        if fqn.startswith(MODEL_PREFIX) and isinstance(md, TensorStorageMetadata)
+    }
+
+
+def check_sources(sources: dict[str, Source], cfg: DiTConfig) -> None:
+    """The checkpoint holds exactly the parameters (names and shapes) of a DiT with `cfg`."""
+    with torch.device("meta"):
+        want = {k: v.shape for k, v in DiT(cfg).state_dict().items()}
+    missing, extra = sorted(set(want) - set(sources)), sorted(set(sources) - set(want))
+    wrong = sorted(k for k in set(want) & set(sources) if tuple(want[k]) != tuple(sources[k].shape))
+    if missing or extra or wrong:
+        detail = f"missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]}"
+        raise DataError(f"the checkpoint's model tensors do not match its config ({detail}); is it a vidtron DiT?")
+
+
+def plan_groups(fmt: Format, sources: dict[str, Source], dtype: torch.dtype | None) -> list[Group]:
+    """Convert meta tensors of the checkpoint's shapes group by group: the output names and sizes, no memory."""
+    groups = []
+    for keys in fmt.groups(sources):
+        meta = {k: torch.empty(sources[k].shape, dtype=dtype or sources[k].dtype, device="meta") for k in keys}
+        groups.append(Group(keys, {name: t.nbytes for name, t in fmt.convert(meta).items()}))
+    return groups
+
+
+def plan_shards(groups: list[Group], max_bytes: int) -> list[list[Group]]:
+    """Pack groups, in order, into shards of at most `max_bytes` (a larger group gets a shard of its own)."""
+    shards: list[list[Group]] = [[]]
+    for group in groups:
+        if shards[-1] and sum(g.nbytes for g in shards[-1]) + group.nbytes > max_bytes:
+            shards.append([])
+        shards[-1].append(group)
+    return [s for s in shards if s]
+
+
+def load_sources(ckpt: Path, keys: list[str], sources: dict[str, Source], dtype: torch.dtype | None) -> StateDict:
+    """Just these model tensors of the checkpoint, full (DCP reshards any saved layout), cast to `dtype`."""
+    state = {k: torch.empty(sources[k].shape, dtype=dtype or sources[k].dtype) for k in keys}
+    dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(ckpt)))
+    return state
+
+
+def convert_shard(fmt: Format, shard: list[Group], loaded: StateDict) -> tuple[StateDict, int]:
+    """Convert group by group, dropping each group's sources as its outputs appear; returns the outputs and the
+    most bytes of tensors alive at once."""
+    alive = sum(t.nbytes for t in loaded.values())
+    peak, out = alive, {}
+    for group in shard:
+        part = {k: loaded.pop(k) for k in group.sources}
+        converted = fmt.convert(part)
+        fresh = _bytes_not_in(converted, part)  # new tensors (fused, reordered); renamed ones share storage
+        peak = max(peak, alive + fresh)
+        alive += fresh - _bytes_not_in(part, converted)
+        out |= converted
+        del part, converted
+    return out, peak
+
+
+def _bytes_not_in(state: StateDict, other: StateDict) -> int:
+    """Bytes of the tensors of `state` whose storage no tensor of `other` shares."""
+    ptrs = {t.untyped_storage().data_ptr() for t in other.values()}
+    return sum(t.nbytes for t in state.values() if t.untyped_storage().data_ptr() not in ptrs)
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap memory of the freed shard back to the OS (glibc keeps it otherwise, and RSS creeps up)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _shard_files(prefix: str, count: int) -> list[str]:
+    if count == 1:
+        return [f"{prefix}.safetensors"]
+    return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_write(path: Path, write: Callable[[Path], None]) -> None:
+    write(path)
+    _fsync(path)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _fsync_write(path, lambda p: p.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n"))
+
+
+@contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Yield `<out>.tmp-<pid>/`; rename it to `out` on success, remove it on any failure."""
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        os.replace(tmp, out)  # an empty `out` folder is replaced atomically
+        _fsync(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError("--out", str(out), "exists and is not an empty folder; choose a new folder")
+
+
+def check_checkpoint(ckpt: Path) -> None:
+    if not (ckpt / MANIFEST).is_file() or not (ckpt / ".metadata").is_file():
+        fix = (
+            "is not a committed checkpoint folder (with manifest.json and .metadata), e.g. run/checkpoints/step_000200"
+        )
+        raise ConfigError("--ckpt", str(ckpt), fix)
+
+
+def export_checkpoint(
+    ckpt: Path,
+    fmt: str,
+    out: Path,
+    cfg: DiTConfig,
+    max_shard_bytes: int = 5 * 10**9,
+    dtype: torch.dtype | None = None,
+    check_files: bool = True,
+) -> ExportReport:
+    """Export the model weights of the checkpoint `ckpt` (a DiT with `cfg`) to the folder `out` in `fmt`."""
+    ckpt, out = Path(ckpt), Path(out)
+    if fmt not in FORMATS:
+        raise ConfigError("--format", fmt, f"choose one of {list(FORMATS)}")
+    check_checkpoint(ckpt)
+    check_output(out)
+    if check_files and (problem := verify(ckpt)) is not None:
+        raise DataError(f"checkpoint {ckpt} is damaged ({problem}); export another one")
+    sources = checkpoint_sources(ckpt)
+    check_sources(sources, cfg)
+    spec = FORMATS[fmt]
+    shards = plan_shards(plan_groups(spec, sources, dtype), max_shard_bytes)
+    files = _shard_files(spec.weights, len(shards))
+    peak = 0
+    with staged_folder(out) as tmp:
+        for shard, file in zip(shards, files):
+            loaded = load_sources(ckpt, [k for g in shard for k in g.sources], sources, dtype)
+            tensors, held = convert_shard(spec, shard, loaded)
+            peak = max(peak, held)
+            _fsync_write(tmp / file, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))
+            del loaded, tensors
+            _return_freed_memory()
+        _write_index(tmp, spec.weights, shards, files)
+        _write_json(tmp / "config.json", spec.config(cfg))
+    sizes = [sum(g.nbytes for g in shard) for shard in shards]
+    return ExportReport(out, files, sum(sizes), max(sizes), peak, sum(len(g.outputs) for s in shards for g in s))
+
+
+def _write_index(folder: Path, prefix: str, shards: list[list[Group]], files: list[str]) -> None:
+    """`<prefix>.safetensors.index.json` (Hugging Face's format) when the weights span several files."""
+    if len(files) < 2:
+        return
+    weight_map = {name: f for shard, f in zip(shards, files) for g in shard for name in g.outputs}
+    total = sum(g.nbytes for shard in shards for g in shard)
+    _write_json(
+        folder / f"{prefix}.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
