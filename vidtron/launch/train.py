@@ -3,6 +3,9 @@
     vidtron-train data.root=data/synth run_dir=runs/a trainer.steps=200
     vidtron-train data.root=data/synth launcher.nproc_per_node=2      # spawns 2 local processes (torchrun)
     torchrun --nproc_per_node 2 -m vidtron.launch.train data.root=...  # or launch it yourself
+    vidtron-train launcher=torchrun ...                 # 2 local processes, restarts from the last checkpoint
+    vidtron-train launcher=slurm launcher.cluster=NAME [launcher.dry_run=true] ...   # sbatch (cluster_configs/)
+    vidtron-train launcher=ray [launcher.cluster=NAME] ...   # Ray Train TorchTrainer, restarts on failure
 
 The config is checked in the launching process, before any process group starts.
 """
@@ -19,6 +22,7 @@ from vidtron.platform.config import TrainConfig
 from vidtron.platform.data.shards import list_shards
 from vidtron.platform.distributed import init_distributed, shutdown
 from vidtron.platform.errors import ConfigError
+from vidtron.platform.faults import check_ranks
 from vidtron.platform.trainer import build_dims, train
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo, dit_config
 
@@ -30,7 +34,8 @@ def preflight(cfg: TrainConfig, world_size: int) -> None:
     dims = build_dims(cfg.parallel, world_size)
     latent = (1 + (cfg.data.frames - 1) // 4, cfg.data.height // 8, cfg.data.width // 8)
     tokens = (latent[0] // dit.patch_size_t) * (latent[1] // dit.patch_size) * (latent[2] // dit.patch_size)
-    dims.validate_for(dit.num_heads, tokens)
+    dims.validate_for(dit.num_heads, tokens, dit.mlp_hidden)
+    check_ranks(cfg.faults, world_size)
     if cfg.data.batch_size % dims.dp:
         raise ConfigError(
             "data.batch_size", cfg.data.batch_size, f"must be divisible by the data-parallel size {dims.dp}"
@@ -41,7 +46,8 @@ def spawn_local(cfg: TrainConfig, argv: list[str]) -> int:
     """Re-run this command under torchrun with launcher.nproc_per_node processes on this machine."""
     n = cfg.launcher.nproc_per_node
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-    cmd += [f"--max-restarts={cfg.launcher.max_restarts}", "-m", "vidtron.launch.train", *argv]
+    cmd += [f"--max-restarts={cfg.launcher.max_restarts}", f"--log-dir={os.path.join(cfg.run_dir, 'torchrun')}"]
+    cmd += ["-m", "vidtron.launch.train", *argv]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.call(cmd, env=env)
 
@@ -58,11 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(compose_config([])))
         return 0
     cfg = compose_config(argv)
-    if not _under_launcher() and cfg.launcher.nproc_per_node > 1:
+    if not _under_launcher() and cfg.launcher.kind == "slurm":
+        from vidtron.launch.slurm import launch_slurm
+
+        return launch_slurm(cfg, argv)
+    if not _under_launcher() and cfg.launcher.kind == "ray":
+        from vidtron.launch.ray_launcher import launch_ray
+
+        preflight(cfg, cfg.launcher.nproc_per_node)
+        return launch_ray(cfg, argv)
+    if not _under_launcher() and (cfg.launcher.kind == "torchrun" or cfg.launcher.nproc_per_node > 1):
         preflight(cfg, cfg.launcher.nproc_per_node)
         return spawn_local(cfg, argv)
     preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-    ctx = init_distributed()
+    ctx = init_distributed(cfg.trainer.collective_timeout_s)
     try:
         train(cfg, DiTTextToVideo(cfg), ctx)
     finally:

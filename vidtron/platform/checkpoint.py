@@ -7,6 +7,9 @@ Layout of `<run_dir>/checkpoints/`:
         manifest.json       step, layout, config, config hash, data position, sha256 of every file
     step_000020.tmp/        torn (a crash mid-save): never resumed, removed by the next save
 
+Async saves (`save_checkpoint_async`, `Checkpointer(async_save=True)`) stall only for a CPU staging copy; DCP
+writes in a background thread and the same commit (manifest, then rename) follows once the write is done.
+
 Loading never runs an unrestricted unpickler: DCP's `.metadata` (a pickle) is read with an allowlist of
 DCP's own metadata classes, DCP's byte items go through `torch.load(weights_only=True)`, and every file's
 sha256 is checked against the manifest first; a checkpoint that fails the check is skipped with a warning
@@ -21,10 +24,13 @@ import json
 import os
 import pickle
 import shutil
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -115,8 +121,8 @@ def _restore_rng(path: Path) -> None:
         torch.cuda.set_rng_state(state["torch_cuda"])
 
 
-def save_checkpoint(run_dir, step: int, model, optimizer, meta: dict, ctx: DistContext, keep_last: int = 3) -> Path:
-    """Collective: every rank calls it. Returns the committed folder."""
+def _begin_save(run_dir, step: int, ctx: DistContext) -> tuple[Path, Path]:
+    """Collective: a fresh `step_N.tmp/` (stale torn ones removed) holding this rank's RNG state."""
     final = _step_dir(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if ctx.is_main:
@@ -124,16 +130,108 @@ def save_checkpoint(run_dir, step: int, model, optimizer, meta: dict, ctx: DistC
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier(ctx)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     (tmp / "rng").mkdir(exist_ok=True)
     save_file(_rng_state(), str(tmp / "rng" / f"rank_{ctx.rank}.safetensors"))
+    return tmp, final
+
+
+def save_checkpoint(
+    run_dir, step: int, model, optimizer, meta: dict, ctx: DistContext, keep_last: int = 3, hooks=None
+) -> Path:
+    """Collective: every rank calls it. Returns the committed folder.
+
+    `hooks` (e.g. a FaultInjector) gets `before_commit(step)` once the files are written and, on rank 0,
+    `after_commit(step, path)` once committed.
+    """
+    tmp, final = _begin_save(run_dir, step, ctx)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    if hooks is not None:
+        hooks.before_commit(step)
     barrier(ctx)
     if ctx.is_main:
         _commit(tmp, final, step, meta)
         _prune(run_dir, keep_last)
+        if hooks is not None:
+            hooks.after_commit(step, final)
     barrier(ctx)
     return final
+
+
+class PendingCheckpoint:
+    """An async save in flight: DCP writes the staged copy in a background thread, then (rank 0) a second
+    background thread commits it (checksums, manifest, rename); `finish()` waits for both."""
+
+    def __init__(self, future, tmp: Path, final: Path, step: int, meta: dict, run_dir, keep_last: int, ctx, hooks):
+        self.future, self.tmp, self.final, self.step, self.meta = future, tmp, final, step, meta
+        self.run_dir, self.keep_last, self.ctx, self.hooks = run_dir, keep_last, ctx, hooks
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidtron-commit")
+        self._committed = self._committer.submit(self._commit_when_written)
+        self._committer.shutdown(wait=False)
+
+    def _commit_when_written(self) -> Path:
+        """No collective: DCP's gather inside the write means rank 0's write ends only after every rank's files
+        are on disk, so rank 0 commits as soon as its own write is done."""
+        self.future.result()
+        if self.ctx.is_main:
+            _commit(self.tmp, self.final, self.step, self.meta)
+            _prune(self.run_dir, self.keep_last)
+            if self.hooks is not None:
+                self.hooks.after_commit(self.step, self.final)
+        return self.final
+
+    def done(self) -> bool:
+        return self._committed.done()
+
+    def finish(self) -> Path:
+        """Wait for the write and the commit (re-raising a failure of either)."""
+        return self._committed.result()
+
+
+def save_checkpoint_async(
+    run_dir, step: int, model, optimizer, meta: dict, ctx: DistContext, keep_last: int = 3, hooks=None, group=None
+) -> PendingCheckpoint:
+    """Collective: stage model + optimizer state to a CPU copy (the only stall), then write it in the background.
+
+    `group` is a process group kept for DCP's background collectives (a second gloo group, so they never
+    interleave with the training ones). Call `finish()` on every rank before the next save and before exit.
+    """
+    tmp, final = _begin_save(run_dir, step, ctx)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), process_group=group)
+    if hooks is not None:
+        hooks.before_commit(step)  # the write is in flight: a crash here leaves a torn step_N.tmp/
+    return PendingCheckpoint(future, tmp, final, step, meta, run_dir, keep_last, ctx, hooks)
+
+
+class Checkpointer:
+    """The trainer's saves: synchronous, or async with at most one in flight (finished before the next save,
+    a rollback and the end of training; committed as soon as it is done when `poll()` is called)."""
+
+    def __init__(self, run_dir, ctx: DistContext, keep_last: int, async_save: bool, hooks=None):
+        self.run_dir, self.ctx, self.keep_last, self.async_save, self.hooks = run_dir, ctx, keep_last, async_save, hooks
+        self.group = dist.new_group(backend="gloo") if async_save and ctx.distributed else None
+        self.pending: PendingCheckpoint | None = None
+        self.stalls_s: list[float] = []  # time the step loop spent in each save call
+
+    def save(self, step: int, model, optimizer, meta: dict) -> None:
+        t0 = time.perf_counter()
+        self.wait()
+        if self.async_save:
+            args = (self.run_dir, step, model, optimizer, meta, self.ctx, self.keep_last, self.hooks, self.group)
+            self.pending = save_checkpoint_async(*args)
+        else:
+            save_checkpoint(self.run_dir, step, model, optimizer, meta, self.ctx, self.keep_last, self.hooks)
+        self.stalls_s.append(time.perf_counter() - t0)
+
+    def poll(self) -> None:
+        if self.pending is not None and self.pending.done():
+            self.wait()
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.finish()
 
 
 def _commit(tmp: Path, final: Path, step: int, meta: dict) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from vidtron.platform.errors import ConfigError
 
 RECIPES = ("dit_t2v",)
+LAUNCHERS = ("local", "torchrun", "slurm", "ray")
 
 
 @dataclass
@@ -59,20 +60,59 @@ def check_clip_shape(frames: int, height: int, width: int, names: tuple[str, str
 
 
 @dataclass
+class BucketConfig:
+    """One duration x resolution bucket (data.format=video|latent): every sample of a step has this shape."""
+
+    frames: int = 9  # pixel frames: 4k+1; 1 makes an image bucket
+    height: int = 64  # pixels, a multiple of 16
+    width: int = 64  # pixels, a multiple of 16
+    max_batch: int = 0  # global batch of a step from this bucket (split over DP ranks); 0 = from data.bucket_tokens
+
+    def __post_init__(self) -> None:
+        names = ("data.buckets[].frames", "data.buckets[].height", "data.buckets[].width")
+        check_clip_shape(self.frames, self.height, self.width, names)
+        if self.max_batch < 0:
+            raise ConfigError("data.buckets[].max_batch", self.max_batch, "must be >= 0 (0 = from data.bucket_tokens)")
+
+
+@dataclass
 class DataConfig:
-    root: str = ""  # folder with webdataset shards (*.tar) written by `vidtron-data synth`
+    root: str = ""  # folder with webdataset shards (*.tar) written by `vidtron-data synth` (or `encode`)
     frames: int = 9  # pixel frames per clip: 4k+1 (the VAE compresses time 4x after the first frame)
     height: int = 64  # pixels, divisible by 16 (VAE 8x times patch 2)
     width: int = 64  # pixels, divisible by 16
     batch_size: int = 4  # global batch: samples per step over all data-parallel ranks
     caption_dropout: float = 0.1  # probability of an empty caption (trains the unconditional branch for CFG)
+    format: str = "memory"  # memory: fixed-shape video.npy clips encoded once into RAM; video: decode per step
+    # (mp4/webm/npy/png) into buckets; latent: shards written by `vidtron-data encode`
+    decoder: str = "cpu"  # format=video: cpu (PyAV) | dali (GPU decode; needs nvidia-dali and CUDA)
+    buckets: list[BucketConfig] = field(default_factory=list)  # empty = one bucket (frames, height, width, batch_size)
+    bucket_tokens: int = 0  # DiT tokens per global batch; buckets with max_batch=0 take max(1, this // tokens)
+    image_ratio: float = 0.0  # fraction of steps drawn from image (frames=1) buckets; 0 = images only as they come
+    frame_interval: int = 1  # format=video: take every k-th frame of a clip
+    vae: str = ""  # format=video: "" = the stand-in autoencoder of data.root; else a CausalVAE folder (diffusers)
 
     def __post_init__(self) -> None:
+        self._check_loader()
         check_clip_shape(self.frames, self.height, self.width, ("data.frames", "data.height", "data.width"))
         if self.batch_size < 1:
             raise ConfigError("data.batch_size", self.batch_size, "must be >= 1")
         if not 0.0 <= self.caption_dropout < 1.0:
             raise ConfigError("data.caption_dropout", self.caption_dropout, "must be in [0, 1)")
+
+    def _check_loader(self) -> None:
+        if self.format not in ("memory", "video", "latent"):
+            raise ConfigError("data.format", self.format, "choose memory (default), video or latent")
+        if self.decoder not in ("cpu", "dali"):
+            raise ConfigError("data.decoder", self.decoder, "choose cpu (PyAV) or dali (GPU)")
+        if self.buckets and self.format == "memory":
+            raise ConfigError("data.format", self.format, "data.buckets need data.format=video or latent")
+        if any(b.max_batch == 0 for b in self.buckets) and self.bucket_tokens <= 0:
+            raise ConfigError("data.bucket_tokens", self.bucket_tokens, "set it > 0, or give every bucket a max_batch")
+        if not 0.0 <= self.image_ratio < 1.0:
+            raise ConfigError("data.image_ratio", self.image_ratio, "must be in [0, 1)")
+        if self.frame_interval < 1:
+            raise ConfigError("data.frame_interval", self.frame_interval, "must be >= 1")
 
 
 @dataclass
@@ -111,10 +151,18 @@ class TrainerConfig:
     log_every: int = 1  # steps between metric records
     bf16: bool = False  # bf16 autocast for the model forward
     progress: bool = True  # a progress bar on rank 0 when stdout is a terminal
+    async_checkpoint: bool = False  # DCP async_save: the step loop stalls only for the staging copy
+    max_bad_steps: int = 3  # NaN/inf steps in a row (each skipped, no update) before a rollback to the last checkpoint
+    max_rollbacks: int = 3  # rollbacks per process before the run fails with an error
+    collective_timeout_s: float = 600.0  # a collective that waits longer fails the process (the launcher restarts it)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError("trainer.steps", self.steps, "must be >= 1")
+        if self.max_bad_steps < 1:
+            raise ConfigError("trainer.max_bad_steps", self.max_bad_steps, "must be >= 1")
+        if self.collective_timeout_s <= 0:
+            raise ConfigError("trainer.collective_timeout_s", self.collective_timeout_s, "must be > 0 seconds")
         if self.checkpoint_every < 0:
             raise ConfigError("trainer.checkpoint_every", self.checkpoint_every, "must be >= 0 (0 = only at the end)")
 
@@ -144,21 +192,81 @@ class ParallelConfig:
 
 @dataclass
 class LauncherConfig:
-    kind: str = "local"  # local | torchrun (ray and slurm arrive with the fault-tolerance work)
-    nproc_per_node: int = 1  # processes to spawn on this machine (vidtron-train starts torchrun for you)
+    kind: str = "local"  # local | torchrun | slurm | ray
+    nproc_per_node: int = 1  # processes per node (torchrun, ray workers; slurm takes the cluster config's)
     max_restarts: int = 0  # torchrun restarts of the whole group after a failure
+    max_failures: int = 3  # ray: worker-group restarts (FailureConfig); slurm: job requeues after a failed step
+    cluster: str = ""  # slurm / ray: a name in cluster_configs/ (or a .yaml path); ray without one runs locally
+    dry_run: bool = False  # slurm: print the sbatch script instead of submitting it
 
     def __post_init__(self) -> None:
-        if self.kind not in ("local", "torchrun"):
-            raise ConfigError("launcher", self.kind, "choose launcher=local or launcher=torchrun")
+        if self.kind not in LAUNCHERS:
+            raise ConfigError("launcher", self.kind, f"choose one of {', '.join('launcher=' + k for k in LAUNCHERS)}")
         if self.nproc_per_node < 1:
             raise ConfigError("launcher.nproc_per_node", self.nproc_per_node, "must be >= 1")
+        if self.max_restarts < 0 or self.max_failures < 0:
+            raise ConfigError("launcher.max_failures", self.max_failures, "restart counts must be >= 0")
+        if self.kind == "slurm" and not self.cluster:
+            raise ConfigError("launcher.cluster", self.cluster, "launcher=slurm needs a cluster_configs/<name>.yaml")
+
+
+@dataclass
+class FaultsConfig:
+    """Fault injection for drills and tests; each fault fires once per run dir (marker in <run_dir>/faults/)."""
+
+    kill_rank: int = 0  # the rank that kill_at_step / kill_during_checkpoint SIGKILLs
+    kill_at_step: int = 0  # SIGKILL kill_rank right after this step (before its checkpoint); 0 = off
+    kill_during_checkpoint: int = 0  # SIGKILL kill_rank inside the save of step N's checkpoint, before commit; 0 = off
+    corrupt_checkpoint: int = 0  # flip one byte of step N's committed checkpoint (its sha256 check fails); 0 = off
+    nan_at_step: int = 0  # the loss of this step is NaN on every rank; 0 = off
+    nan_steps: int = 1  # ... and of this many steps in a row
+    hang_rank: int = 0  # the rank that hang_at_step stalls
+    hang_at_step: int = 0  # hang_rank sleeps forever right after this step (peers hit the collective timeout); 0 = off
+    step_delay_s: float = 0.0  # sleep after every step: widens the window for kills from outside (tests, benches)
+
+    def __post_init__(self) -> None:
+        for name in ("kill_rank", "kill_at_step", "kill_during_checkpoint", "corrupt_checkpoint", "nan_at_step"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"faults.{name}", getattr(self, name), "must be >= 0 (0 = off for steps)")
+        if self.hang_rank < 0 or self.hang_at_step < 0 or self.step_delay_s < 0:
+            raise ConfigError("faults.hang_at_step", self.hang_at_step, "hang_rank, hang_at_step, step_delay_s >= 0")
+        if self.nan_steps < 1:
+            raise ConfigError("faults.nan_steps", self.nan_steps, "must be >= 1")
 
 
 @dataclass
 class MetricsConfig:
     wandb: bool = True  # log to Weights & Biases (offline unless WANDB_MODE says otherwise)
     wandb_project: str = "vidtron"
+
+
+@dataclass
+class MemoryConfig:
+    """Activation memory policies of the DiT blocks (vidtron/parallel/recompute.py, offload.py). Block specs: all,
+    double, single, none / "", or indices and ranges over [dual-stream; single-stream] blocks joined by "," or "+"
+    (Hydra overrides need quotes around commas), e.g. "0-3+7"."""
+
+    recompute: str = "none"  # none | selective (one region per block, see `selective`) | full (whole blocks)
+    selective: str = "attn"  # recompute=selective: attn (q/k/v projections + attention core) | mlp (dual-stream MLPs)
+    recompute_blocks: str = "all"  # which blocks recompute applies to
+    offload_blocks: str = ""  # blocks whose saved activations go to host memory between forward and backward
+
+    def __post_init__(self) -> None:
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError("memory.recompute", self.recompute, "choose none, selective or full")
+        if self.selective not in ("attn", "mlp"):
+            raise ConfigError("memory.selective", self.selective, "choose attn or mlp")
+        for name in ("recompute_blocks", "offload_blocks"):
+            self._check_spec(name, str(getattr(self, name)))
+
+    @staticmethod
+    def _check_spec(name: str, value: str) -> None:
+        for part in value.replace("+", ",").replace(" ", "").split(","):
+            lo, dash, hi = part.partition("-")
+            ok = part in ("", "all", "double", "single", "none") or (lo.isdigit() and (hi.isdigit() or not dash))
+            if not ok:
+                fix = "use all, double, single, none, or ranges such as 0-3+7 (or quoted: '0-3,7')"
+                raise ConfigError(f"memory.{name}", value, fix)
 
 
 @dataclass
@@ -174,7 +282,9 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:

@@ -1,7 +1,8 @@
 """The training loop shared by every recipe: layout, resume, steps, metrics, checkpoints.
 
 A recipe task provides `build_model()`, `local_batch(step, cursor, dp_rank, dp)`, `loss(model, batch, device)`
-and `tokens_per_sample`. Step numbers count completed optimizer steps: the checkpoint `step_N` holds the
+and `tokens_per_sample`, optionally `next_cursor(cursor)` (the data position after a step; default: + batch_size
+samples). Step numbers count completed optimizer steps: the checkpoint `step_N` holds the
 state after N steps, and a resumed run continues with step N + 1 at the saved data position.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -23,14 +25,25 @@ from vidtron.platform.compose import to_dict
 from vidtron.platform.config import OptimConfig, ParallelConfig, TrainConfig
 from vidtron.platform.distributed import DistContext
 from vidtron.platform.errors import ConfigError
+from vidtron.platform.faults import FaultInjector
 from vidtron.platform.metrics import MetricsLogger, log_event
+
+# restart counters the launchers set: torchrun (in-job restarts), SLURM (requeues), Ray (worker-group restarts)
+RESTART_COUNTERS = {
+    "torchrun": "TORCHELASTIC_RESTART_COUNT",
+    "slurm": "SLURM_RESTART_COUNT",
+    "ray": "VIDTRON_RAY_ATTEMPT",
+}
 
 
 @dataclass
 class TrainState:
     step: int = 0  # completed optimizer steps
-    cursor: int = 0  # samples of the global stream consumed
+    cursor: int = 0  # data position: samples of the global stream consumed (bucketed streams: global batches)
     losses: list[float] = field(default_factory=list)  # this process's logged losses, for tests and summaries
+    bad_in_row: int = 0  # NaN/inf steps in a row (skipped, no optimizer update)
+    skipped_steps: int = 0  # NaN/inf steps skipped by this process
+    rollbacks: int = 0  # rollbacks to the last checkpoint by this process
     model: torch.nn.Module | None = field(default=None, repr=False)  # the (parallelized) model after training
 
 
@@ -86,9 +99,8 @@ def setup_model(task, cfg: TrainConfig, dims: ParallelDims, ctx: DistContext) ->
     model = task.build_model()
     if ctx.distributed:
         dims.build_mesh(ctx.device.type)
-        opts = ParallelizeOptions(zero_stage=cfg.parallel.zero.stage)
-        model = parallelize_dit(model, dims, opts)
-    return model.to(ctx.device)
+    opts = ParallelizeOptions(zero_stage=cfg.parallel.zero.stage, memory=cfg.memory)
+    return parallelize_dit(model, dims, opts).to(ctx.device)
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
@@ -140,12 +152,13 @@ def _checkpoint_meta(cfg: TrainConfig, dims: ParallelDims, state: TrainState) ->
 def train(cfg: TrainConfig, task, ctx: DistContext) -> TrainState:
     """Run (or continue) training to cfg.trainer.steps; every rank calls this."""
     dims = build_dims(cfg.parallel, ctx.world_size)
-    dims.validate_for(task.dit_cfg.num_heads, task.tokens_per_sample)
+    dims.validate_for(task.dit_cfg.num_heads, task.tokens_per_sample, task.dit_cfg.mlp_hidden)
     model = setup_model(task, cfg, dims, ctx)
     optimizer = build_optimizer(model, cfg.optim)
+    faults = FaultInjector(cfg.faults, cfg.run_dir, ctx.rank, ctx.world_size)
     state = maybe_resume(cfg, model, optimizer, ctx)
     if ctx.is_main:
-        log_event(cfg.run_dir, "start", step=state.step, layout=dims.layout_name, world=ctx.world_size)
+        _log_start(cfg, state, dims, ctx)
     logger = MetricsLogger(
         cfg.run_dir,
         ctx.is_main,
@@ -157,17 +170,52 @@ def train(cfg: TrainConfig, task, ctx: DistContext) -> TrainState:
         cfg.trainer.progress,
     )
     dp_rank, dp = _dp_coords(dims, ctx)
+    saver = ckpt.Checkpointer(cfg.run_dir, ctx, cfg.trainer.keep_last, cfg.trainer.async_checkpoint, faults)
     try:
         end = _last_step(cfg, state.step)
         while state.step < end:
-            _train_step(cfg, task, model, optimizer, state, dp_rank, dp, ctx, logger)
-            if _checkpoint_due(cfg, state.step) or state.step == end:
-                meta = _checkpoint_meta(cfg, dims, state)
-                ckpt.save_checkpoint(cfg.run_dir, state.step, model, optimizer, meta, ctx, cfg.trainer.keep_last)
+            _train_step(cfg, task, model, optimizer, state, dp_rank, dp, ctx, logger, faults)
+            faults.after_step(state.step)
+            saver.poll()
+            if state.bad_in_row >= cfg.trainer.max_bad_steps:
+                saver.wait()
+                _rollback(cfg, model, optimizer, state, ctx)
+            elif (_checkpoint_due(cfg, state.step) and not state.bad_in_row) or state.step == end:
+                saver.save(state.step, model, optimizer, _checkpoint_meta(cfg, dims, state))
+        saver.wait()
+    except Exception as err:  # recorded for the restart history; the launcher restarts the group
+        log_event(cfg.run_dir, "failure", rank=ctx.rank, step=state.step, error=f"{type(err).__name__}: {err}"[:500])
+        raise
     finally:
         logger.close()
     state.model = model
     return state
+
+
+def _log_start(cfg: TrainConfig, state: TrainState, dims: ParallelDims, ctx: DistContext) -> None:
+    """`start`, preceded by `restart` when a launcher restarted this run (its counters say which attempt)."""
+    attempts = {k: int(os.environ[v]) for k, v in RESTART_COUNTERS.items() if os.environ.get(v, "0") not in ("", "0")}
+    if attempts:
+        log_event(cfg.run_dir, "restart", step=state.step, launcher=cfg.launcher.kind, attempts=attempts)
+    log_event(cfg.run_dir, "start", step=state.step, layout=dims.layout_name, world=ctx.world_size)
+
+
+def _rollback(cfg: TrainConfig, model, optimizer, state: TrainState, ctx: DistContext) -> None:
+    """trainer.max_bad_steps NaN/inf steps in a row: reload the newest valid checkpoint (model, optimizer, RNG,
+    data position) and continue from there."""
+    bad_step = state.step
+    path = ckpt.latest_valid_checkpoint(cfg.run_dir, ctx)
+    if path is None or state.rollbacks >= cfg.trainer.max_rollbacks:
+        why = "no committed checkpoint to roll back to" if path is None else f"{state.rollbacks} rollbacks already"
+        raise RuntimeError(
+            f"{state.bad_in_row} NaN/inf steps in a row at step {bad_step} and {why}; lower optim.lr, "
+            "checkpoint more often (trainer.checkpoint_every) or raise trainer.max_bad_steps / trainer.max_rollbacks"
+        )
+    manifest = ckpt.load_checkpoint(path, model, optimizer, ctx)
+    state.step, state.cursor = manifest["step"], manifest["data"]["cursor"]
+    state.bad_in_row, state.rollbacks = 0, state.rollbacks + 1
+    if ctx.is_main:
+        log_event(cfg.run_dir, "rollback", from_step=bad_step, to_step=state.step, path=str(path))
 
 
 def _last_step(cfg: TrainConfig, start: int) -> int:
@@ -183,8 +231,9 @@ def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:
 
 
 def _train_step(
-    cfg, task, model, optimizer, state: TrainState, dp_rank: int, dp: int, ctx: DistContext, logger
+    cfg, task, model, optimizer, state: TrainState, dp_rank: int, dp: int, ctx: DistContext, logger, faults=None
 ) -> None:
+    """One optimizer step; a NaN/inf loss or gradient norm skips the update (counted in state.bad_in_row)."""
     t0 = time.perf_counter()
     step = state.step + 1
     lr = lr_at(step, cfg.optim, cfg.trainer.steps)
@@ -192,16 +241,24 @@ def _train_step(
         group["lr"] = lr
     batch = task.local_batch(step, state.cursor, dp_rank, dp)
     loss = task.loss(model, batch, ctx.device)
+    if faults is not None:
+        loss = faults.poison(loss, step)
     loss.backward()
     grad_norm = _grad_norm(model, cfg.optim.grad_clip)
-    optimizer.step()
+    loss_value = _mean_over_world(loss, ctx)  # the same on every rank, so all ranks agree to skip
+    finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    state.step, state.cursor = step, state.cursor + cfg.data.batch_size
-    loss_value = _mean_over_world(loss, ctx)
+    state.bad_in_row = 0 if finite else state.bad_in_row + 1
+    state.skipped_steps += not finite
+    advance = getattr(task, "next_cursor", None)  # tasks with their own data position (bucketed streams)
+    state.step, state.cursor = step, advance(state.cursor) if advance else state.cursor + cfg.data.batch_size
     state.losses.append(loss_value)
     if step % cfg.trainer.log_every == 0 or step == cfg.trainer.steps:
         dt = time.perf_counter() - t0
-        sps = cfg.data.batch_size / dt
+        samples = batch.get("global_samples", cfg.data.batch_size)  # buckets: this step's global batch
+        sps = samples / dt
         logger.log(
             {
                 "step": step,
@@ -209,7 +266,8 @@ def _train_step(
                 "lr": lr,
                 "grad_norm": grad_norm,
                 "samples_per_s": sps,
-                "tokens_per_s": sps * task.tokens_per_sample,
+                "tokens_per_s": batch.get("global_tokens", samples * task.tokens_per_sample) / dt,
                 "step_time_s": dt,
+                **({"skipped": True, "skipped_steps": state.skipped_steps} if not finite else {}),
             }
         )

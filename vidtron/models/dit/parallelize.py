@@ -1,28 +1,42 @@
 """parallelize_dit: apply the parallel layout to a single-device DiT from outside, in one fixed order.
 
-1. TP/SP plans        (tensor parallel heads / MLP hidden; sequence parallel norms and residuals)
-2. context parallel   (swap every block's `attn_core` for ring / Ulysses / USP)
-3. recompute/offload  (activation memory policies)
-4. torch.compile
+1. TP/SP plans        heads / MLP hidden over tp (column / row linears); the residual streams between the TP
+                      regions sharded over tokens (vidtron/parallel/tensor_parallel.py)
+2. context parallel   every block's `attn_core` becomes ring / Ulysses / USP (or stays dense), wrapped to drop SP
+                      padding; hooks shard video (+ RoPE) over cp and both streams over tp before the first block
+                      and gather the video before the final layer (vidtron/parallel/context_wrap.py)
+3. recompute/offload  (activation memory policies; not yet)
+4. torch.compile      (not yet)
 5. FSDP2 per block, then the root (ZeRO-3 by default; ZeRO-2 keeps params after forward; HSDP with
-   dp_replicate > 1). Parameters are sharded over dp_shard x cp (CP ranks hold the same parameters).
+   dp_replicate > 1). Parameters are sharded over dp_shard x cp (CP ranks hold the same parameters); with tp > 1
+   FSDP2 shards the TP DTensors on the 2D (dp_shard_cp, tp) mesh.
+
+Gradients: FSDP averages over dp_replicate x dp_shard x cp. CP ranks each compute the full loss of their data-
+parallel group and the CP backward makes their gradients sum to cp x the gradient (context_wrap.py), so the average
+is exact. TP ranks hold the full gradient of replicated parameters and their own shard of sharded ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from vidtron.kernels.attention import DenseAttention
+from vidtron.parallel.context import build_cp_attention
+from vidtron.parallel.context_wrap import TokenSharder, wrap_tokens
 from vidtron.parallel.dims import ParallelDims
-from vidtron.platform.errors import ConfigError
+from vidtron.parallel.offload import apply_activation_memory
+from vidtron.parallel.tensor_parallel import apply_tensor_parallel, reduce_partial_grads
+from vidtron.platform.config import MemoryConfig
 
 
 @dataclass
 class ParallelizeOptions:
     zero_stage: int = 3  # 3: reshard params after forward; 2: keep them until backward; 1 acts like 2 with FSDP2
     param_dtype: str = "float32"  # FSDP2 mixed precision: dtype of the all-gathered params
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # step 3: recompute / offload policies
 
 
 def _fsdp_mesh(dims: ParallelDims):
@@ -30,6 +44,10 @@ def _fsdp_mesh(dims: ParallelDims):
     if dims.dp_replicate > 1:
         return mesh["dp_replicate", "dp_shard_cp"]
     return mesh["dp_shard_cp"]
+
+
+def _uses_fsdp(dims: ParallelDims) -> bool:
+    return dims.dp_shard * dims.cp > 1 or dims.dp_replicate > 1
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, opts: ParallelizeOptions) -> None:
@@ -44,17 +62,24 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, opts: ParallelizeOptions) -
     fully_shard(model, **{**kw, "reshard_after_forward": False})
 
 
+def apply_context_parallel(model: nn.Module, dims: ParallelDims) -> None:
+    """Swap the attention cores for the CP core (dense when cp == 1) and install the token-sharding hooks."""
+    local_heads = model.config.num_heads // dims.tp
+    core = build_cp_attention(dims, heads=local_heads) or DenseAttention()
+    wrap_tokens(model, TokenSharder(dims.mesh["cp"], dims.mesh["tp"]), core)
+
+
 def parallelize_dit(model: nn.Module, dims: ParallelDims, opts: ParallelizeOptions | None = None) -> nn.Module:
-    """Apply `dims` to `model` in place (and return it)."""
+    """Apply `dims` (mesh built) to `model` in place (and return it)."""
     opts = opts or ParallelizeOptions()
+    dims.validate_for(model.config.num_heads, None, model.config.mlp_hidden)
     if dims.tp > 1:
-        raise ConfigError(
-            "parallel.tp", dims.tp, "tensor parallelism is not wired into the trainer yet; use parallel.tp=1"
-        )
-    if dims.cp > 1:
-        raise ConfigError(
-            "parallel.cp", dims.cp, "context parallelism is not wired into the trainer yet; use parallel.cp=1"
-        )
-    if dims.dp_shard * dims.cp > 1 or dims.dp_replicate > 1:
+        apply_tensor_parallel(model, dims.mesh["tp"])
+    if dims.tp > 1 or dims.cp > 1:
+        apply_context_parallel(model, dims)
+    apply_activation_memory(model, opts.memory)  # 3. recompute, then offload
+    if _uses_fsdp(dims):
         apply_fsdp(model, dims, opts)
+    elif dims.tp > 1:
+        reduce_partial_grads(model)
     return model

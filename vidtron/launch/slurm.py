@@ -1,0 +1,174 @@
+"""`launcher=slurm`: write an sbatch script from `cluster_configs/<name>.yaml` and submit it (or print it).
+
+    vidtron-train launcher=slurm launcher.cluster=h100_example launcher.dry_run=true data.root=... run_dir=...
+
+The job runs one `torchrun` per node through `srun`, joined by a c10d rendezvous on the first node of the
+allocation (`scontrol show hostnames`). Failures are handled at two levels: torchrun restarts the local
+group `launcher.max_restarts` times, and when the step itself fails (a node dies, the step is killed) the
+script requeues the job (`#SBATCH --requeue`, then `scontrol requeue`) up to `launcher.max_failures`
+times. Every start resumes from the newest committed checkpoint in run_dir.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from vidtron.platform.config import TrainConfig
+from vidtron.platform.errors import ConfigError
+from vidtron.platform.metrics import log_event
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ClusterConfig:
+    """A cluster description (`cluster_configs/<name>.yaml`); SLURM fields, plus `ray_address` for launcher=ray."""
+
+    nodes: int = 1  # nodes per job
+    gpus_per_node: int = 0  # GPUs per node (--gpus-per-node); 0 = CPU nodes
+    procs_per_node: int = 0  # training processes per node; 0 = gpus_per_node, or 1 on CPU nodes
+    cpus_per_node: int = 0  # --cpus-per-task of the one srun task per node; 0 = SLURM's default
+    mem: str = ""  # --mem per node, e.g. 0 (all of it) or 200G; "" = SLURM's default
+    partition: str = ""  # --partition; "" = the cluster's default partition
+    account: str = ""  # --account
+    qos: str = ""  # --qos
+    time_limit: str = "01:00:00"  # --time: [D-]HH:MM:SS
+    container_image: str = ""  # pyxis/enroot image for `srun --container-image`; "" = run on the host
+    container_mounts: str = ""  # `srun --container-mounts`, e.g. /lustre:/lustre
+    env: dict[str, str] = field(default_factory=dict)  # exported in the job before srun
+    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, source a venv, ...)
+    python: str = ""  # interpreter on the nodes; "" = the one running vidtron-train
+    rdzv_port: int = 0  # c10d rendezvous port on the head node; 0 = a free one (1 node) or derived from the job id
+    extra_sbatch: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. --exclusive
+    ray_address: str = ""  # launcher=ray: a running Ray cluster (ray://head:10001 or head:6379); "" = local
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ConfigError("cluster.nodes", self.nodes, "must be >= 1")
+        if self.gpus_per_node < 0 or self.procs_per_node < 0 or self.cpus_per_node < 0:
+            raise ConfigError("cluster.procs_per_node", self.procs_per_node, "counts must be >= 0")
+
+    @property
+    def procs(self) -> int:
+        """Training processes per node."""
+        return self.procs_per_node or self.gpus_per_node or 1
+
+
+def cluster_path(name: str) -> Path:
+    """A .yaml path as given, else cluster_configs/<name>.yaml here or in the vidtron checkout."""
+    if name.endswith((".yaml", ".yml")):
+        return Path(name)
+    for root in (Path.cwd(), REPO_ROOT):
+        path = root / "cluster_configs" / f"{name}.yaml"
+        if path.exists():
+            return path
+    return Path("cluster_configs") / f"{name}.yaml"
+
+
+def load_cluster(name: str) -> ClusterConfig:
+    path = cluster_path(name)
+    if not path.is_file():
+        known = sorted(p.stem for p in (REPO_ROOT / "cluster_configs").glob("*.yaml"))
+        raise ConfigError("launcher.cluster", name, f"no {path}; choose one of {known} or give a .yaml path")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(ClusterConfig), OmegaConf.load(path))
+        return OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
+    except Exception as err:  # an unknown key or a wrong type in the yaml
+        first = str(err).splitlines()[0]
+        raise ConfigError("launcher.cluster", str(path), f"{first}; see the fields of ClusterConfig") from err
+
+
+def _sbatch_lines(c: ClusterConfig, cfg: TrainConfig, log_dir: Path) -> list[str]:
+    opts = [f"--job-name=vidtron-{Path(cfg.run_dir).name}", f"--nodes={c.nodes}", "--ntasks-per-node=1"]
+    opts += [f"--gpus-per-node={c.gpus_per_node}"] if c.gpus_per_node else []
+    opts += [f"--cpus-per-task={c.cpus_per_node}"] if c.cpus_per_node else []
+    opts += [f"--mem={c.mem}"] if c.mem else []
+    for flag, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos)):
+        opts += [f"--{flag}={value}"] if value else []
+    opts += [f"--time={c.time_limit}", f"--output={log_dir}/%x-%j.out", "--open-mode=append", "--requeue"]
+    return [f"#SBATCH {o}" for o in [*opts, *c.extra_sbatch]]
+
+
+def _rdzv_port_lines(c: ClusterConfig, python: str) -> list[str]:
+    if c.rdzv_port:
+        return [f"RDZV_PORT={c.rdzv_port}"]
+    if c.nodes == 1:
+        pick = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
+        return [f'RDZV_PORT=$({python} -c "{pick}")  # a free port on the only node']
+    return ["RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))  # the same on every node"]
+
+
+def sbatch_script(cfg: TrainConfig, argv: list[str], cluster: ClusterConfig, cluster_name: str) -> str:
+    """The job script: SBATCH header, environment, `srun torchrun` with a c10d rendezvous, requeue on failure."""
+    run_dir = Path(cfg.run_dir).resolve()
+    python = cluster.python or sys.executable
+    container = []
+    if cluster.container_image:
+        container = [f"--container-image={shlex.quote(cluster.container_image)}", f"--container-workdir={Path.cwd()}"]
+        container += [f"--container-mounts={shlex.quote(cluster.container_mounts)}"] if cluster.container_mounts else []
+    rdzv = '--rdzv_backend=c10d --rdzv_endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv_id="$SLURM_JOB_ID"'
+    restarts = f"--max-restarts={cfg.launcher.max_restarts} --log-dir={shlex.quote(str(run_dir / 'torchrun'))}"
+    args = [a for a in argv if not a.startswith(("run_dir=", "launcher.dry_run="))] + [f"run_dir={run_dir}"]
+    torchrun = [
+        f"{python} -m torch.distributed.run --nnodes=$SLURM_JOB_NUM_NODES --nproc_per_node={cluster.procs}",
+        rdzv,
+        restarts,
+        "-m vidtron.launch.train " + " ".join(shlex.quote(a) for a in args),
+    ]
+    lines = ["#!/bin/bash", f"# vidtron-train launcher=slurm, from cluster config {cluster_name!r}"]
+    lines += _sbatch_lines(cluster, cfg, run_dir / "slurm")
+    lines += ["", "set -uo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
+    lines += [f"export {k}={shlex.quote(str(v))}" for k, v in cluster.env.items()]
+    lines += list(cluster.setup)
+    lines += ['HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)']
+    lines += _rdzv_port_lines(cluster, python)
+    lines += ['echo "vidtron: job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0}: rendezvous $HEAD_NODE:$RDZV_PORT"']
+    lines += [" ".join(["srun", "--kill-on-bad-exit=1", *container, "\\"])]
+    lines += [f"  {part} \\" for part in torchrun[:-1]] + [f"  {torchrun[-1]}"]
+    lines += [
+        "status=$?",
+        'if [ "$status" -ne 0 ]; then',
+        '  printf \'{"event": "failure", "time": %s, "pid": %s, "launcher": "slurm", "job": "%s", "attempt": %s, "exit": %s}\\n\' \\',
+        '    "$(date +%s.%N)" "$$" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" "$status" >> '
+        + shlex.quote(str(run_dir / "events.jsonl")),
+        "fi",
+        f'if [ "$status" -ne 0 ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {cfg.launcher.max_failures} ]; then',
+        '  echo "vidtron: step failed (exit $status); requeueing job $SLURM_JOB_ID"',
+        '  scontrol requeue "$SLURM_JOB_ID"',
+        "fi",
+        'exit "$status"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def launch_slurm(cfg: TrainConfig, argv: list[str]) -> int:
+    """Print the script (launcher.dry_run) or write it to <run_dir>/slurm/ and submit it with sbatch."""
+    cluster = load_cluster(cfg.launcher.cluster)
+    script = sbatch_script(cfg, argv, cluster, cfg.launcher.cluster)
+    if cfg.launcher.dry_run:
+        print(script, end="")
+        return 0
+    from vidtron.launch.train import preflight
+
+    preflight(cfg, cluster.nodes * cluster.procs)
+    log_dir = Path(cfg.run_dir).resolve() / "slurm"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    path = log_dir / "job.sbatch"
+    path.write_text(script)
+    res = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, env=os.environ)
+    if res.returncode:
+        print(f"vidtron-train: error: sbatch failed: {res.stderr.strip()}", file=sys.stderr)
+        return res.returncode
+    job_id = res.stdout.strip().split(";")[0]
+    log_event(cfg.run_dir, "submit", launcher="slurm", job=job_id, cluster=cfg.launcher.cluster)
+    print(f"submitted job {job_id}; log {log_dir}/vidtron-{Path(cfg.run_dir).name}-{job_id}.out")
+    return 0
