@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: venv install test test-slow demo bench lint format clean
+.PHONY: venv install test test-slow demo sweep-demo bench lint format clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run make PY=python3"; exit 2; }
@@ -30,6 +30,12 @@ test-slow: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/python -m vidtron.launch.demo --out demo_out
 
+SWEEP_OUT ?= sweep_out
+# A real small scaling sweep (5 sizes x 12 budgets) on generated data; ~15-30 min on 2 cores.
+sweep-demo: $(VENV)/.installed
+	@test -f $(SWEEP_OUT)/data/autoencoder.safetensors || $(BIN)/python -m vidtron.launch.data synth --out $(SWEEP_OUT)/data --clips 1024 --frames 9 --height 64 --width 64 --seed 0 --shard-size 256
+	$(BIN)/python -m vidtron.launch.sweep recipe=scaling_sweep out=$(SWEEP_OUT) data.root=$(SWEEP_OUT)/data sizes=5 budgets=7680:500000:12 max_parallel=0 --budget-pflops 0.1
+
 bench: $(VENV)/.installed
 	$(BIN)/python -m bench.run_all
 
@@ -42,4 +48,4 @@ format: $(VENV)/.installed
 	$(BIN)/ruff check --fix vidtron tests bench
 
 clean:
-	rm -rf $(VENV) demo_out runs .pytest_cache
+	rm -rf $(VENV) demo_out sweep_out runs .pytest_cache

@@ -1,4 +1,4 @@
-"""`make demo`: generate data -> train a tiny DiT on several CPU processes -> checkpoint -> sample -> plots.
+"""`make demo`: generate data -> train a tiny DiT with TP x CP on 4 CPU processes -> checkpoint -> sample -> plots.
 
 Every stage runs the real command-line tools, so the demo exercises what users run. Prints where each
 artifact is. Defaults fit in a few minutes on 2 cores.
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vidtron-demo", description=__doc__)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--layout", default="", help="extra parallel overrides, e.g. 'parallel.tp=2 parallel.cp=2'")
+    p.add_argument("--nproc", type=int, default=4)
+    p.add_argument("--layout", default="parallel.tp=2 parallel.cp=2", help="parallel overrides for the nproc processes")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
     data, run, samples = out / "data", out / "run", out / "samples"
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"  metrics: {run / 'metrics.jsonl'}  (loss {records[0]['loss']:.3f} at step 1 -> {records[-1]['loss']:.3f} at step {records[-1]['step']})"
     )
-    print(f"  checkpoints: {run / 'checkpoints'}")
+    print(f"  checkpoints (DCP, layout {a.layout or 'data parallel'}): {run / 'checkpoints'}")
     print(f"  samples (MP4 + GIF + latents): {samples}")
     print(f"  loss curve: {curve}")
     return 0
