@@ -1,9 +1,10 @@
 """The training loop shared by every recipe: layout, resume, steps, metrics, checkpoints.
 
-A recipe task provides `build_model()`, `local_batch(step, cursor, dp_rank, dp)`, `loss(model, batch, device)`
-and `tokens_per_sample`, optionally `next_cursor(cursor)` (the data position after a step; default: + batch_size
-samples). Step numbers count completed optimizer steps: the checkpoint `step_N` holds the
-state after N steps, and a resumed run continues with step N + 1 at the saved data position.
+A recipe task provides `build_model()`, `validate_layout(dims)`, `parallelize(model, dims, opts)`,
+`local_batch(step, cursor, dp_rank, dp)`, `loss(model, batch, device)` and `tokens_per_sample`, optionally
+`next_cursor(cursor)` (the data position after a step; default: + batch_size samples). Step numbers count
+completed optimizer steps: the checkpoint `step_N` holds the state after N steps, and a resumed run continues
+with step N + 1 at the saved data position.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from vidtron.models.dit.parallelize import ParallelizeOptions, parallelize_dit
+from vidtron.models.dit.parallelize import ParallelizeOptions
 from vidtron.parallel.dims import ParallelDims
 from vidtron.platform import checkpoint as ckpt
 from vidtron.platform.compose import to_dict
@@ -100,7 +101,7 @@ def setup_model(task, cfg: TrainConfig, dims: ParallelDims, ctx: DistContext) ->
     if ctx.distributed:
         dims.build_mesh(ctx.device.type)
     opts = ParallelizeOptions(zero_stage=cfg.parallel.zero.stage, memory=cfg.memory)
-    return parallelize_dit(model, dims, opts).to(ctx.device)
+    return task.parallelize(model, dims, opts).to(ctx.device)
 
 
 def build_optimizer(model: torch.nn.Module, o: OptimConfig) -> torch.optim.Optimizer:
@@ -152,7 +153,7 @@ def _checkpoint_meta(cfg: TrainConfig, dims: ParallelDims, state: TrainState) ->
 def train(cfg: TrainConfig, task, ctx: DistContext) -> TrainState:
     """Run (or continue) training to cfg.trainer.steps; every rank calls this."""
     dims = build_dims(cfg.parallel, ctx.world_size)
-    dims.validate_for(task.dit_cfg.num_heads, task.tokens_per_sample, task.dit_cfg.mlp_hidden)
+    task.validate_layout(dims)
     model = setup_model(task, cfg, dims, ctx)
     optimizer = build_optimizer(model, cfg.optim)
     faults = FaultInjector(cfg.faults, cfg.run_dir, ctx.rank, ctx.world_size)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from vidtron.models.dit import DiT
 from vidtron.models.dit.configs import FLAVORS, DiTConfig
+from vidtron.models.dit.parallelize import parallelize_dit
 from vidtron.models.text.encoders import TextBatch, build_text_encoder
 from vidtron.platform.config import TrainConfig
 from vidtron.platform.data.sampler import GlobalSampler
@@ -85,6 +86,13 @@ class DiTTextToVideo:
             model = DiT(self.dit_cfg)
         model.init_weights()
         return model
+
+    def validate_layout(self, dims) -> None:
+        """Reject layouts this DiT and clip shape cannot use (heads, MLP width, tokens), listing valid ones."""
+        dims.validate_for(self.dit_cfg.num_heads, self.tokens_per_sample, self.dit_cfg.mlp_hidden)
+
+    def parallelize(self, model: DiT, dims, opts) -> DiT:
+        return parallelize_dit(model, dims, opts)
 
     def local_batch(self, step: int, cursor: int, dp_rank: int, dp: int) -> dict:
         """This data-parallel rank's slice of global batch `step` (stream position `cursor`)."""
