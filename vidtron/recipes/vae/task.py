@@ -1,0 +1,148 @@
+"""What the trainer trains for recipe `vae`: the VAE + discriminator pair, each step's batch, and the GAN step.
+
+Hooks for the generic trainer (beyond `build_model`, `local_batch`, `loss`, `tokens_per_sample`):
+    validate_layout(dims)                 pure data parallel: tp = cp = 1
+    parallelize(model, dims, cfg)         records the data-parallel group (weights stay whole on every rank)
+    build_optimizers(model, optim)        {"vae": AdamW, "disc": AdamW}; checkpoint them as a list
+    train_step(model, optimizers, batch, step, lr, device)   both updates; returns metrics (floats, dp means)
+`loss(model, batch, device)` is the VAE's generator loss alone (no discriminator update): for evaluation.
+
+Legend: b local batch, C channels, F frames, H, W pixels; Z latent channels, f, h, w latent sizes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vidtron.models.vae import FLAVORS
+from vidtron.parallel.dims import ParallelDims
+from vidtron.platform.config import DataConfig, OptimConfig
+from vidtron.platform.data.sampler import GlobalSampler
+from vidtron.platform.errors import ConfigError
+from vidtron.recipes.vae.config import VAERecipeConfig
+from vidtron.recipes.vae.data import (
+    check_stages_fit,
+    draw_sample,
+    generator,
+    load_videos,
+    resolve_stages,
+    step_plan,
+)
+from vidtron.recipes.vae.discriminator import min_input_size
+from vidtron.recipes.vae.gan import VAEGAN, build_gan, build_optimizers, reconstruct, tiling_kwargs, train_step
+from vidtron.recipes.vae.losses import VAEObjective
+from vidtron.recipes.vae.lpips import build_lpips
+
+
+def validate_layout(dims: ParallelDims) -> None:
+    """The VAE recipe is data parallel only; fails before any process group starts."""
+    for name in ("tp", "cp"):
+        if getattr(dims, name) > 1:
+            raise ConfigError(
+                f"parallel.{name}", getattr(dims, name), "recipe=vae is data parallel only; use 1 (and more dp ranks)"
+            )
+
+
+class VAETask:
+    """The `vae` task: a causal 3D VAE learning to reconstruct clips and images against a 3D PatchGAN critic."""
+
+    def __init__(self, vae: VAERecipeConfig, data: DataConfig, optim: OptimConfig, seed: int = 0):
+        if vae.flavor not in FLAVORS:
+            raise ConfigError("vae.flavor", vae.flavor, f"choose one of {sorted(FLAVORS)}")
+        self.cfg, self.data_cfg, self.optim, self.seed = vae, data, optim, seed
+        self.vae_cfg = FLAVORS[vae.flavor]
+        self.stages = resolve_stages(vae, data)
+        self.videos = load_videos(data.root)  # uint8 [N, F, H, W, 3]
+        check_stages_fit(self.stages, self.videos)
+        self.sampler = GlobalSampler(self.videos.shape[0], seed)
+        self.objective = VAEObjective(vae, build_lpips(vae.lpips_path))
+        self.group = None  # data-parallel process group, set by `parallelize`
+        self._latent_shape: tuple[int, ...] | None = None
+        self._ensure_disc_fits()
+
+    @classmethod
+    def from_train_config(cls, cfg) -> VAETask:
+        """From a TrainConfig with a `vae` section (cfg.vae, cfg.data, cfg.optim, cfg.seed)."""
+        return cls(cfg.vae, cfg.data, cfg.optim, cfg.seed)
+
+    def _ensure_disc_fits(self) -> None:
+        need = min_input_size(self.cfg.disc_layers)
+        for i, stage in enumerate(self.stages):
+            if min(stage.height, stage.width) < need and self.cfg.adv_weight > 0:
+                raise ConfigError(
+                    f"vae.stages[{i}]",
+                    (stage.height, stage.width),
+                    f"a {self.cfg.disc_layers}-layer discriminator needs >= {need} pixels; "
+                    "raise the size or lower vae.disc_layers",
+                )
+
+    # ---- trainer hooks ----------------------------------------------------------------------------------------
+
+    def build_model(self, device: torch.device | str = "cpu") -> VAEGAN:
+        """VAE + discriminator, initialised from the run seed (identical on every rank)."""
+        return build_gan(self.cfg, self.seed).to(device)
+
+    def validate_layout(self, dims: ParallelDims) -> None:
+        validate_layout(dims)
+
+    def parallelize(self, model: VAEGAN, dims: ParallelDims, cfg=None) -> VAEGAN:
+        """Data parallel by replication: keep the model whole and remember the dp group for gradient averaging."""
+        validate_layout(dims)
+        self.group = dims.mesh["dp"].get_group() if dims.dp > 1 else None
+        return model
+
+    def build_optimizers(self, model: VAEGAN, optim: OptimConfig | None = None) -> dict[str, torch.optim.Optimizer]:
+        return build_optimizers(model, optim or self.optim, self.cfg)
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Latent positions f * h * w of the most recent batch (the final stage's before the first)."""
+        last = self.stages[-1]
+        _, f, h, w = self._latent_shape or self._latent_of((3, last.frames, last.height, last.width))
+        return f * h * w
+
+    def local_batch(self, step: int, cursor: int, dp_rank: int, dp: int) -> dict:
+        """This data-parallel rank's slice of global batch `step` (stream position `cursor`)."""
+        batch = self.data_cfg.batch_size
+        idx = self.sampler.global_indices(cursor, batch)
+        part = GlobalSampler.local_slice(batch, dp_rank, dp)
+        plan = step_plan(step, self.seed, self.cfg, self.stages)
+        videos, eps = [], []
+        for pos in range(batch)[part]:
+            gen = generator(self.seed, step, pos)
+            videos.append(draw_sample(self.videos, idx[pos], plan, self.cfg.max_frame_interval, gen))
+            eps.append(torch.randn(self._latent_of(videos[-1].shape), generator=gen))
+        self._latent_shape = tuple(eps[0].shape)
+        return {
+            "video": torch.stack(videos),  # [b, C, F, H, W] in [-1, 1]
+            "eps": torch.stack(eps) if self.cfg.sample_posterior else None,  # [b, Z, f, h, w]
+            "tiled": plan.tiled,
+            "image": plan.image,
+            "indices": idx[part],
+        }
+
+    def _latent_of(self, shape_CFHW: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """[C, F, H, W] of a sample -> [Z, f, h, w] of its latents."""
+        vcfg = self.vae_cfg
+        _, frames, h, w = shape_CFHW
+        t, s = vcfg.temporal_compression_ratio, vcfg.spatial_compression_ratio
+        return (vcfg.latent_channels, (frames - 1) // t + 1, h // s, w // s)
+
+    def train_step(self, model: VAEGAN, optimizers: dict, batch: dict, step: int, lr: float, device) -> dict:
+        """One VAE update and (after vae.disc_start steps) one discriminator update; metrics as dp-mean floats."""
+        self.objective.to(device)
+        batch = self._to(batch, device)
+        return train_step(model, optimizers, self.objective, batch, step, lr, self.optim.grad_clip, self.group)
+
+    def loss(self, model: VAEGAN, batch: dict, device: torch.device, step: int = 0) -> torch.Tensor:
+        """The VAE's total loss on `batch` at `step` (the adversarial term counts once step > vae.disc_start)."""
+        self.objective.to(device)
+        batch = self._to(batch, device)
+        tiling = tiling_kwargs(self.cfg) if batch["tiled"] else None
+        recon, mean, logvar = reconstruct(model.vae, batch["video"], batch["eps"], tiling)
+        terms = self.objective.generator_terms(model.disc, batch["video"], recon, mean, logvar, step, model.last_layer)
+        return terms["loss"]
+
+    @staticmethod
+    def _to(batch: dict, device) -> dict:
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
