@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: venv install test test-slow demo sweep-demo bench lint format clean
+.PHONY: venv install test test-slow demo vae-demo sweep-demo bench lint format clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run make PY=python3"; exit 2; }
@@ -30,6 +30,10 @@ test-slow: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(BIN)/python -m vidtron.launch.demo --out demo_out
 
+# Train a tiny causal VAE on generated clips for a bounded time and report held-out PSNR / SSIM.
+vae-demo: $(VENV)/.installed
+	$(BIN)/python -m vidtron.launch.vae_demo --out demo_vae --minutes 5
+
 SWEEP_OUT ?= sweep_out
 # A real small scaling sweep (5 sizes x 12 budgets) on generated data; ~15-30 min on 2 cores.
 sweep-demo: $(VENV)/.installed
@@ -48,4 +52,4 @@ format: $(VENV)/.installed
 	$(BIN)/ruff check --fix vidtron tests bench
 
 clean:
-	rm -rf $(VENV) demo_out sweep_out runs .pytest_cache
+	rm -rf $(VENV) demo_out demo_vae sweep_out runs .pytest_cache

@@ -45,15 +45,15 @@ def train_loop(config: dict) -> None:
     """Runs on every Ray worker: Ray has started the process group; build the config and train (or resume)."""
     import ray.train
 
+    from vidtron.launch.train import TASKS
     from vidtron.platform.compose import compose_config
     from vidtron.platform.distributed import init_distributed
     from vidtron.platform.trainer import train
-    from vidtron.recipes.dit_t2v.task import DiTTextToVideo
 
     cfg = compose_config(config["argv"])
     if ray.train.get_context().get_world_rank() == 0:
         os.environ["VIDTRON_RAY_ATTEMPT"] = str(_attempt(Path(cfg.run_dir), config["launch_id"]))
-    train(cfg, DiTTextToVideo(cfg), init_distributed(cfg.trainer.collective_timeout_s))
+    train(cfg, TASKS[cfg.recipe](cfg), init_distributed(cfg.trainer.collective_timeout_s))
 
 
 def _init_ray(cfg: TrainConfig):

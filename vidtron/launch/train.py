@@ -25,16 +25,23 @@ from vidtron.platform.errors import ConfigError
 from vidtron.platform.faults import check_ranks
 from vidtron.platform.trainer import build_dims, train
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo, dit_config
+from vidtron.recipes.vae.task import VAETask
+from vidtron.recipes.vae.task import validate_layout as validate_vae_layout
+
+TASKS = {"dit_t2v": DiTTextToVideo, "vae": VAETask.from_train_config}  # recipe -> task factory(TrainConfig)
 
 
 def preflight(cfg: TrainConfig, world_size: int) -> None:
     """Everything that can be checked without starting processes."""
     list_shards(cfg.data.root)
-    dit = dit_config(cfg.model.flavor, cfg.model.arch_overrides())
     dims = build_dims(cfg.parallel, world_size)
-    latent = (1 + (cfg.data.frames - 1) // 4, cfg.data.height // 8, cfg.data.width // 8)
-    tokens = (latent[0] // dit.patch_size_t) * (latent[1] // dit.patch_size) * (latent[2] // dit.patch_size)
-    dims.validate_for(dit.num_heads, tokens, dit.mlp_hidden)
+    if cfg.recipe == "vae":
+        validate_vae_layout(dims)
+    else:
+        dit = dit_config(cfg.model.flavor, cfg.model.arch_overrides())
+        latent = (1 + (cfg.data.frames - 1) // 4, cfg.data.height // 8, cfg.data.width // 8)
+        tokens = (latent[0] // dit.patch_size_t) * (latent[1] // dit.patch_size) * (latent[2] // dit.patch_size)
+        dims.validate_for(dit.num_heads, tokens, dit.mlp_hidden)
     check_ranks(cfg.faults, world_size)
     if cfg.data.batch_size % dims.dp:
         raise ConfigError(
@@ -79,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     preflight(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     ctx = init_distributed(cfg.trainer.collective_timeout_s)
     try:
-        train(cfg, DiTTextToVideo(cfg), ctx)
+        train(cfg, TASKS[cfg.recipe](cfg), ctx)
     finally:
         shutdown(ctx)
     return 0

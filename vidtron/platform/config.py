@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vidtron.platform.errors import ConfigError
+from vidtron.recipes.vae.config import VAERecipeConfig
 
-RECIPES = ("dit_t2v",)
+RECIPES = ("dit_t2v", "vae")
 LAUNCHERS = ("local", "torchrun", "slurm", "ray")
 
 
@@ -285,6 +286,7 @@ class TrainConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    vae: VAERecipeConfig = field(default_factory=VAERecipeConfig)  # recipe=vae: losses, discriminator, curriculum
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:

@@ -155,7 +155,7 @@ def train(cfg: TrainConfig, task, ctx: DistContext) -> TrainState:
     dims = build_dims(cfg.parallel, ctx.world_size)
     task.validate_layout(dims)
     model = setup_model(task, cfg, dims, ctx)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = _build_optimizers(task, model, cfg)
     faults = FaultInjector(cfg.faults, cfg.run_dir, ctx.rank, ctx.world_size)
     state = maybe_resume(cfg, model, optimizer, ctx)
     if ctx.is_main:
@@ -231,6 +231,32 @@ def _checkpoint_due(cfg: TrainConfig, step: int) -> bool:
     return step == cfg.trainer.steps or (every > 0 and step % every == 0)
 
 
+def _build_optimizers(task, model, cfg: TrainConfig):
+    """One AdamW, or the list of a task's own optimizers (`task.build_optimizers` -> {name: optimizer}, kept
+    on the task as `task.optimizers` for its `train_step`); checkpoints hold every optimizer's state."""
+    build = getattr(task, "build_optimizers", None)
+    if build is None:
+        return build_optimizer(model, cfg.optim)
+    task.optimizers = build(model, cfg.optim)
+    return list(task.optimizers.values())
+
+
+def _update(cfg, task, model, optimizer, batch, step: int, lr: float, ctx: DistContext, faults) -> tuple[float, float]:
+    """loss -> backward -> clip -> AdamW step unless the loss or grad norm is NaN/inf; (loss, grad norm)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss = task.loss(model, batch, ctx.device)
+    if faults is not None:
+        loss = faults.poison(loss, step)
+    loss.backward()
+    grad_norm = _grad_norm(model, cfg.optim.grad_clip)
+    loss_value = _mean_over_world(loss, ctx)  # the same on every rank, so all ranks agree to skip
+    if math.isfinite(loss_value) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm
+
+
 def _train_step(
     cfg, task, model, optimizer, state: TrainState, dp_rank: int, dp: int, ctx: DistContext, logger, faults=None
 ) -> None:
@@ -238,19 +264,15 @@ def _train_step(
     t0 = time.perf_counter()
     step = state.step + 1
     lr = lr_at(step, cfg.optim, cfg.trainer.steps)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     batch = task.local_batch(step, state.cursor, dp_rank, dp)
-    loss = task.loss(model, batch, ctx.device)
-    if faults is not None:
-        loss = faults.poison(loss, step)
-    loss.backward()
-    grad_norm = _grad_norm(model, cfg.optim.grad_clip)
-    loss_value = _mean_over_world(loss, ctx)  # the same on every rank, so all ranks agree to skip
+    custom = getattr(task, "train_step", None)  # tasks with several optimizers (the VAE's GAN) update themselves
+    if custom is not None:
+        extra = custom(model, task.optimizers, batch, step, lr, ctx.device)
+        loss_value, grad_norm = extra.pop("loss"), extra.pop("grad_norm")
+    else:
+        loss_value, grad_norm = _update(cfg, task, model, optimizer, batch, step, lr, ctx, faults)
+        extra = {}
     finite = math.isfinite(loss_value) and math.isfinite(grad_norm)
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     state.bad_in_row = 0 if finite else state.bad_in_row + 1
     state.skipped_steps += not finite
     advance = getattr(task, "next_cursor", None)  # tasks with their own data position (bucketed streams)
@@ -269,6 +291,7 @@ def _train_step(
                 "samples_per_s": sps,
                 "tokens_per_s": batch.get("global_tokens", samples * task.tokens_per_sample) / dt,
                 "step_time_s": dt,
+                **extra,
                 **({"skipped": True, "skipped_steps": state.skipped_steps} if not finite else {}),
             }
         )
