@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from bench.common import write_result
 from vidtron.kernels.lse_attention import LseDenseAttention
 from vidtron.parallel.context import build_cp_attention, local_video_len
 from vidtron.parallel.dims import ParallelDims
@@ -48,7 +49,21 @@ def _rank(args, mode: str) -> float:
     return _time(core, qkv, text_mask, args.reps)
 
 
-def main() -> None:
+def run(out_dir=None, argv: list[str] | None = None) -> dict:
+    """Dense on one process vs each CP mode on `--world` ranks; writes bench/results/cp.json."""
+    args = _parser().parse_args(argv if argv is not None else ["--world", "4", "--modes", "ring,ulysses,usp"])
+    qkv, text_mask = _inputs(args, args.video)
+    result = {"world": args.world, "video": args.video, "text": args.text, "heads": args.heads}
+    result["dense_1proc_ms"] = _time(LseDenseAttention(), qkv, text_mask, args.reps) * 1e3
+    for mode in args.modes.split(","):
+        ms = run_ranks(_rank, args.world, args=(args, mode))[0] * 1e3
+        result[f"{mode}_ms_per_rank"] = ms
+        result[f"{mode}_over_dense"] = ms / result["dense_1proc_ms"]
+    write_result("cp", result, out_dir)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--batch", type=int, default=1)
@@ -59,12 +74,13 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--usp-ulysses", type=int, default=2)
     p.add_argument("--modes", default="ring,ulysses,usp")
-    args = p.parse_args()
-    qkv, text_mask = _inputs(args, args.video)
-    print(f"dense, 1 process: {_time(LseDenseAttention(), qkv, text_mask, args.reps) * 1e3:.1f} ms fwd+bwd")
-    for mode in args.modes.split(","):
-        secs = run_ranks(_rank, args.world, args=(args, mode))[0]
-        print(f"{mode}, cp={args.world}: {secs * 1e3:.1f} ms fwd+bwd per rank")
+    return p
+
+
+def main() -> None:
+    import sys
+
+    print(run(argv=sys.argv[1:]))
 
 
 if __name__ == "__main__":
