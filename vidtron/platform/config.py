@@ -170,12 +170,16 @@ class TrainerConfig:
 
 @dataclass
 class ZeroConfig:
-    engine: str = "fsdp2"  # fsdp2 | deepspeed
-    stage: int = 3  # ZeRO stage: 3 shards params+grads+optimizer state; 2 keeps params after forward
+    engine: str = "fsdp2"  # fsdp2 (the DeepSpeed engine is not implemented yet)
+    stage: int = 3  # ZeRO stage: 3 shards params+grads+optimizer state; 2 (and 1) keep params after forward
 
     def __post_init__(self) -> None:
-        if self.engine not in ("fsdp2", "deepspeed"):
-            raise ConfigError("parallel.zero.engine", self.engine, "choose 'fsdp2' or 'deepspeed'")
+        if self.engine == "deepspeed":
+            raise ConfigError(
+                "parallel.zero.engine", self.engine, "the DeepSpeed engine is not implemented yet; use fsdp2"
+            )
+        if self.engine != "fsdp2":
+            raise ConfigError("parallel.zero.engine", self.engine, "choose 'fsdp2'")
         if self.stage not in (1, 2, 3):
             raise ConfigError("parallel.zero.stage", self.stage, "choose 1, 2 or 3")
 
