@@ -2,14 +2,20 @@
 
     vidtron-sample --run-dir runs/demo --prompt "a red circle moves left from the middle right" --out samples/
     vidtron-sample --ckpt runs/demo/checkpoints/step_000200 --prompt "..." --steps 30 --cfg-scale 5
+    vidtron-sample --run-dir runs/demo --prompt "..." --tp 2 --cp 2 --cp-mode ulysses --nproc 4
 
 The checkpoint's manifest supplies the model flavor, text encoder, clip shape and data root (for the
-autoencoder that decodes the latents); any saved layout loads into this single process.
+autoencoder that decodes the latents); any saved layout loads into any sampling layout. With `--nproc K > 1`
+the command re-runs itself under torchrun; every rank builds the DiT, applies the TP / CP layout (no FSDP: one
+data stream), loads the weights into its shards and runs the same Euler steps from the same seeded noise; rank 0
+decodes and writes the files. CPU (gloo) only for now.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,9 +24,13 @@ from safetensors.torch import save_file
 
 from vidtron.launch.cli import user_errors
 from vidtron.models.dit import DiT
+from vidtron.models.dit.configs import DiTConfig
+from vidtron.models.dit.parallelize import apply_context_parallel
 from vidtron.models.text.encoders import build_text_encoder
+from vidtron.parallel.dims import ParallelDims
+from vidtron.parallel.tensor_parallel import apply_tensor_parallel
 from vidtron.platform.checkpoint import latest_valid_checkpoint, load_model_weights, read_manifest
-from vidtron.platform.distributed import DistContext
+from vidtron.platform.distributed import DistContext, init_distributed, shutdown
 from vidtron.platform.errors import ConfigError
 from vidtron.platform.video_io import to_uint8_frames, write_gif, write_mp4
 from vidtron.recipes.dit_t2v.data import load_autoencoder
@@ -42,40 +52,71 @@ def _resolve_checkpoint(a: argparse.Namespace) -> Path:
     return path
 
 
-def load_for_sampling(ckpt: Path) -> tuple[DiT, dict]:
-    cfg = read_manifest(ckpt)["config"]
+def model_config(cfg: dict) -> DiTConfig:
+    """The DiTConfig a checkpoint's manifest config describes (flavor plus the saved size overrides)."""
     model_cfg = cfg["model"]
     overrides = {k: v for k, v in model_cfg.items() if k in ("num_heads", "head_dim") and v > 0}
     overrides |= {k: v for k, v in model_cfg.items() if k in ("num_double_blocks", "num_single_blocks") and v >= 0}
-    dit_cfg = dit_config(model_cfg["flavor"], overrides)
+    return dit_config(model_cfg["flavor"], overrides)
+
+
+def parallelize_for_sampling(model: DiT, dims: ParallelDims) -> DiT:
+    """parallelize_dit's steps 1-2 (TP/SP, then context parallel) without FSDP: inference has one data stream."""
+    dims.validate_for(model.config.num_heads, None, model.config.mlp_hidden)
+    if dims.tp > 1:
+        apply_tensor_parallel(model, dims.mesh["tp"])
+    if dims.tp > 1 or dims.cp > 1:
+        apply_context_parallel(model, dims)
+    return model
+
+
+def load_for_sampling(ckpt: Path, dims: ParallelDims | None = None, device: str = "cpu") -> tuple[DiT, dict]:
+    """The checkpoint's DiT in eval mode on `device`: single-device, or laid out by `dims` (mesh built on the same
+    device type) when it has > 1 rank."""
+    cfg = read_manifest(ckpt)["config"]
     with torch.device("meta"):
-        model = DiT(dit_cfg)
-    model.to_empty(device="cpu")
+        model = DiT(model_config(cfg))
+    if dims is not None and dims.world_size > 1:
+        parallelize_for_sampling(model, dims)
+    model.to_empty(device=device)
     load_model_weights(ckpt, model)
     return model.eval(), cfg
 
 
-def sample_to_files(a: argparse.Namespace) -> list[Path]:
-    ckpt = _resolve_checkpoint(a)
-    model, cfg = load_for_sampling(ckpt)
+def clip_shape(cfg: dict, frames: int = 0, height: int = 0, width: int = 0) -> tuple[int, int, int]:
+    """(frames, height, width) in pixels: the arguments, or the run's data shape where they are 0."""
+    data = cfg["data"]
+    return frames or data["frames"], height or data["height"], width or data["width"]
+
+
+def latent_shape_for(dcfg: DiTConfig, clip: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    frames, height, width = clip
+    return (dcfg.in_channels, 1 + (frames - 1) // 4, height // 8, width // 8)  # [C, F, H, W]
+
+
+def generate_latents(
+    ckpt: Path, prompts: list[str], opts: SampleOptions, dims: ParallelDims | None = None, clip=(0, 0, 0), device="cpu"
+) -> tuple[torch.Tensor, dict]:
+    """Latents [B, C, F, H, W] for `prompts` from checkpoint `ckpt`, on this process or on every rank of `dims`
+    (same seeded noise everywhere, so every rank returns the same latents); also the manifest config."""
+    model, cfg = load_for_sampling(ckpt, dims, device)
     dcfg, tcfg = model.config, cfg["text"]
     encoder = build_text_encoder(
         tcfg["encoder"], dcfg.text_dim, dcfg.pooled_dim, tcfg["max_tokens"], tcfg["llm_path"], tcfg["clip_path"]
     )
-    frames, height, width = (
-        (a.frames or cfg["data"]["frames"]),
-        (a.height or cfg["data"]["height"]),
-        (a.width or cfg["data"]["width"]),
-    )
-    latent_shape = (dcfg.in_channels, 1 + (frames - 1) // 4, height // 8, width // 8)
-    opts = SampleOptions(steps=a.steps, shift=a.shift, cfg_scale=a.cfg_scale, guidance=a.guidance, seed=a.seed)
-    z = sample_latents(model, encoder.encode(a.prompt), encoder.encode([""]), latent_shape, opts, dcfg.guidance_embeds)
-    video = load_autoencoder(a.data_root or cfg["data"]["root"]).decode(z)
-    out = Path(a.out)
+    shape = latent_shape_for(dcfg, clip_shape(cfg, *clip))
+    text, uncond = encoder.encode(prompts).to(device), encoder.encode([""]).to(device)
+    z = sample_latents(model, text, uncond, shape, opts, dcfg.guidance_embeds)
+    return z.cpu(), cfg
+
+
+def write_samples(z: torch.Tensor, prompts: list[str], cfg: dict, out: Path, data_root: str = "") -> list[Path]:
+    """Decode latents with the run's autoencoder; write latents.safetensors and per prompt MP4, GIF and caption."""
+    video = load_autoencoder(data_root or cfg["data"]["root"]).decode(z)
     out.mkdir(parents=True, exist_ok=True)
     save_file({"latents": z.contiguous()}, str(out / "latents.safetensors"))
     written = [out / "latents.safetensors"]
-    for i, prompt in enumerate(a.prompt):
+    for i, prompt in enumerate(prompts):
         frames_u8 = to_uint8_frames(video[i])
         written += [
             write_mp4(frames_u8, out / f"sample_{i}.mp4"),
@@ -83,6 +124,74 @@ def sample_to_files(a: argparse.Namespace) -> list[Path]:
         ]
         (out / f"sample_{i}.txt").write_text(prompt + "\n")
     return written
+
+
+def _options(a: argparse.Namespace) -> SampleOptions:
+    return SampleOptions(steps=a.steps, shift=a.shift, cfg_scale=a.cfg_scale, guidance=a.guidance, seed=a.seed)
+
+
+def sample_to_files(
+    a: argparse.Namespace, dims: ParallelDims | None = None, is_main: bool = True, device="cpu"
+) -> list[Path]:
+    ckpt = _resolve_checkpoint(a)
+    z, cfg = generate_latents(ckpt, a.prompt, _options(a), dims, (a.frames, a.height, a.width), device)
+    return write_samples(z, a.prompt, cfg, Path(a.out), a.data_root) if is_main else []
+
+
+def _dims(a: argparse.Namespace) -> ParallelDims:
+    return ParallelDims(dp_shard=1, tp=a.tp, cp=a.cp, cp_mode=a.cp_mode)
+
+
+def preflight(a: argparse.Namespace, world_size: int) -> ParallelDims:
+    """Check the layout against the process count, the checkpoint's heads / MLP and the clip's tokens, before
+    any process group starts."""
+    dims = _dims(a)
+    if world_size != dims.world_size:
+        raise ConfigError(
+            "--nproc", world_size, f"must equal --tp * --cp = {dims.world_size} (layout {dims.layout_name})"
+        )
+    cfg = read_manifest(_resolve_checkpoint(a))["config"]
+    dcfg = model_config(cfg)
+    _, f, h, w = latent_shape_for(dcfg, clip_shape(cfg, a.frames, a.height, a.width))
+    pt, p, _ = dcfg.patch
+    dims.validate_for(dcfg.num_heads, (f // pt) * (h // p) * (w // p), dcfg.mlp_hidden)
+    return dims
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """argv minus --nproc: the ranks do not need it, and torchrun's parser rejects it as an ambiguous prefix."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def spawn_local(a: argparse.Namespace, argv: list[str]) -> int:
+    """Re-run this command under torchrun with --nproc processes on this machine."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}"]
+    cmd += ["-m", "vidtron.launch.sample", *_without_nproc(argv)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    return subprocess.call(cmd, env=env)
+
+
+def _under_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def run_distributed(a: argparse.Namespace) -> list[Path]:
+    """This rank's part of a multi-process sampling run (the group is started here and left on return)."""
+    dims = preflight(a, int(os.environ["WORLD_SIZE"]))
+    ctx = init_distributed()
+    try:
+        dims.build_mesh(ctx.device.type)
+        return sample_to_files(a, dims, ctx.is_main, ctx.device)
+    finally:
+        shutdown(ctx)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,15 +211,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=0)
     p.add_argument("--width", type=int, default=0)
     p.add_argument("--data-root", default="", help="folder with autoencoder.safetensors (default: the run's data.root)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (must divide the heads)")
+    p.add_argument("--cp", type=int, default=1, help="context-parallel ranks")
+    p.add_argument("--cp-mode", default="ring", help="ring | ulysses | usp")
+    p.add_argument("--nproc", type=int, default=1, help="local processes (= tp * cp); > 1 re-runs under torchrun")
     return p
 
 
 @user_errors("vidtron-sample")
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = _parser().parse_args(argv)
     if a.steps < 1:
         raise ConfigError("--steps", a.steps, "must be >= 1")
-    for path in sample_to_files(a):
+    if _under_launcher() and int(os.environ["WORLD_SIZE"]) > 1:
+        written = run_distributed(a)
+    elif a.nproc > 1:
+        preflight(a, a.nproc)
+        return spawn_local(a, argv)
+    else:
+        preflight(a, 1)
+        written = sample_to_files(a)
+    for path in written:
         print(f"wrote {path}")
     return 0
 

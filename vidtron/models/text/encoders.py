@@ -29,6 +29,9 @@ class TextBatch:
     def index(self, idx: torch.Tensor) -> TextBatch:
         return TextBatch(self.states[idx], self.mask[idx], self.pooled[idx])
 
+    def to(self, device) -> TextBatch:
+        return TextBatch(self.states.to(device), self.mask.to(device), self.pooled.to(device))
+
 
 class ByteTextEncoder(nn.Module):
     """Frozen byte-token transformer; deterministic for a given (dims, seed)."""

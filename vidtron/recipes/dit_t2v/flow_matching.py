@@ -82,6 +82,6 @@ def euler_sample(velocity: VelocityFn, noise: torch.Tensor, steps: int, shift: f
     sigmas = sampling_sigmas(steps, default_shift(steps) if shift is None else shift)
     x = noise
     for i in range(steps):
-        timestep = timestep_from_sigma(sigmas[i]).expand(x.shape[0]).to(x.dtype)
+        timestep = timestep_from_sigma(sigmas[i]).expand(x.shape[0]).to(x.device, x.dtype)
         x = euler_step(x, velocity(x, timestep), float(sigmas[i]), float(sigmas[i + 1]))
     return x

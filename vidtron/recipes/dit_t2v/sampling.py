@@ -35,7 +35,7 @@ def make_velocity_fn(model, text: TextBatch, uncond: TextBatch, opts: SampleOpti
         b = x_BCFHW.shape[0]
         x = torch.cat([x_BCFHW, x_BCFHW]) if use_cfg else x_BCFHW
         t = torch.cat([timestep_B, timestep_B]) if use_cfg else timestep_B
-        g = torch.full((x.shape[0],), opts.guidance * 1000.0) if guidance_embeds else None
+        g = torch.full((x.shape[0],), opts.guidance * 1000.0, device=x.device) if guidance_embeds else None
         v = model(x, t, batch_text.states, batch_text.mask, batch_text.pooled, g)
         return cfg_combine(v[:b], v[b:], opts.cfg_scale) if use_cfg else v
 
@@ -49,7 +49,7 @@ def sample_latents(
     """Latents [B, C, F, H, W] for the B captions encoded in `text` (`uncond`: the empty caption, one row)."""
     b = text.states.shape[0]
     uncond = TextBatch(uncond.states.expand(b, -1, -1), uncond.mask.expand(b, -1), uncond.pooled.expand(b, -1))
-    gen = torch.Generator().manual_seed(opts.seed)
-    noise = torch.randn((b, *latent_shape), generator=gen)
+    gen = torch.Generator().manual_seed(opts.seed)  # CPU generator: the same noise on every device and rank
+    noise = torch.randn((b, *latent_shape), generator=gen).to(text.states.device)
     velocity = make_velocity_fn(model, text, uncond, opts, guidance_embeds)
     return euler_sample(velocity, noise, opts.steps, opts.shift)
