@@ -124,7 +124,6 @@ def test_other_settings_in_the_same_folder_are_refused(copy, synth_data):
     ("args", "field"),
     [
         (["launcher=slurm"], "launcher"),
-        (["launcher=ray"], "launcher"),
         (["sizes=1"], "sizes"),
         (["sizes=6"], "sizes"),  # the 6-member family repeats a width x depth
         (["sizes=24x1,32x1"], "sizes"),

@@ -3,6 +3,8 @@
     vidtron-sweep recipe=scaling_sweep out=sweep_out data.root=data/synth sizes=4 budgets=2e4:2e5:6
     vidtron-sweep out=sweep_out data.root=data/synth sizes=32x1,64x2,128x4 budgets=1e4,3e4,1e5 --max-parallel 2
     vidtron-sweep ... optim.lr=2e-3 data.batch_size=16 --budget-pflops 1e-3
+    vidtron-sweep ... launcher=ray --max-parallel 4                # each run a Ray task (ray_address=... or local)
+    vidtron-sweep ... launcher=slurm cluster=local_cpu [dry_run=true]   # each run an sbatch job
 
 Keys are `key=value` (or `--key value`); dotted keys (data.root, optim.lr, ...) are vidtron-train overrides
 passed to every run. Rerunning the same command skips finished runs and resumes the others. Exit codes:
@@ -97,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = parse_args(argv)
     status = run_sweep(cfg)
+    if status.get("dry_run"):
+        say(f"dry run: {len(status['scripts'])} job scripts printed, nothing submitted")
+        return 0
     _print_summary(status, cfg)
     return 0 if status["report"] is not None else 1
 

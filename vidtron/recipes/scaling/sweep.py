@@ -26,7 +26,8 @@ Runs. Each size trains in `OUT/runs/<size>/` through `python -m vidtron.launch.t
 `DONE` marker (written after exit code 0 and metrics reaching the target step) says so; finished runs are
 skipped, others (crashed, killed, DONE deleted) rerun and resume from their own newest checkpoint
 (`trainer.resume=auto`). `point.json` holds each run's trainer overrides; reusing `out` with different
-settings is refused.
+settings is refused. `launcher=ray` runs the same command as one Ray task per run and `launcher=slurm` as one
+sbatch job per run (`sweep_launchers.py`), with the same DONE bookkeeping.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from vidtron.launch.slurm import load_cluster
 from vidtron.platform.compose import compose_config
 from vidtron.platform.config import TrainConfig
 from vidtron.platform.data.shards import list_shards
@@ -52,7 +54,7 @@ from vidtron.recipes.scaling.flops import dit_train_flops
 from vidtron.recipes.scaling.report import write_report
 
 RECIPE = "scaling_sweep"
-FUTURE_LAUNCHERS = ("ray", "slurm")
+LAUNCHERS = ("local", "ray", "slurm")
 # trainer keys the sweep sets per run; the user may not override them
 OWNED_KEYS = (
     "run_dir",
@@ -86,7 +88,10 @@ class SweepConfig:
     checkpoint_every: int = 0  # steps between checkpoints of each run; 0 = about 4 per run
     max_parallel: int = 1  # runs at a time; 0 = as many as the cores allow (cores // threads_per_run)
     threads_per_run: int = 1  # OMP / torch threads of each run (max_parallel * threads_per_run <= cores)
-    launcher: str = "local"  # local (subprocesses here); ray and slurm are not available yet
+    launcher: str = "local"  # local (subprocesses here), ray (one Ray task per run) or slurm (one sbatch job per run)
+    ray_address: str = ""  # launcher=ray: a running cluster (ray://head:10001 or head:6379); "" = a private local one
+    cluster: str = ""  # launcher=slurm: cluster_configs/<name>.yaml (partition, account, time, env), e.g. local_cpu
+    dry_run: bool = False  # launcher=slurm: print each pending run's sbatch script, submit nothing
     budget_pflops: float = 0.0  # > 0: the report recommends N and D for this compute (PFLOPs)
     fit_params: str = "non_embedding"  # N in the fit: non_embedding (transformer blocks, as Kaplan) or total
     drop_edges: bool = True  # envelope: drop minima at the family's smallest / largest size
@@ -98,11 +103,7 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.recipe != RECIPE:
             raise ConfigError("recipe", self.recipe, f"choose recipe={RECIPE}")
-        if self.launcher in FUTURE_LAUNCHERS:
-            fix = "not available yet; use launcher=local (runs here as subprocesses, max_parallel at a time)"
-            raise ConfigError("launcher", self.launcher, fix)
-        if self.launcher != "local":
-            raise ConfigError("launcher", self.launcher, "choose launcher=local (ray and slurm are not available yet)")
+        self._check_launcher()
         if not self.out:
             raise ConfigError("out", self.out, "give an output folder, e.g. out=sweep_out")
         if not self.train.get("data.root"):
@@ -113,6 +114,24 @@ class SweepConfig:
         if overlap:
             key = sorted(overlap)[0]
             raise ConfigError(key, self.train[key], f"is set by the sweep for each run; drop it (owned: {OWNED_KEYS})")
+
+    def _check_launcher(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError("launcher", self.launcher, f"choose one of {LAUNCHERS}")
+        if self.launcher == "slurm" and not self.cluster:
+            fix = "launcher=slurm needs cluster=NAME (cluster_configs/NAME.yaml), e.g. cluster=local_cpu"
+            raise ConfigError("cluster", self.cluster, fix)
+        if self.launcher != "slurm" and (self.cluster or self.dry_run):
+            raise ConfigError("launcher", self.launcher, "cluster= and dry_run= are for launcher=slurm")
+        if self.launcher != "ray" and self.ray_address:
+            raise ConfigError("ray_address", self.ray_address, "is for launcher=ray")
+        if self.launcher == "slurm":
+            load_cluster(self.cluster)  # ConfigError for a missing or malformed cluster yaml
+
+    @property
+    def local_cores(self) -> bool:
+        """True when the runs share this machine's cores (local subprocesses or a private local Ray)."""
+        return self.launcher == "local" or (self.launcher == "ray" and not self.ray_address)
 
     def _check_numbers(self) -> None:
         for name in ("head_dim", "single_ratio", "threads_per_run"):
@@ -133,7 +152,7 @@ class SweepConfig:
             raise ConfigError("budget_pflops", self.budget_pflops, "must be >= 0 PFLOPs (0 = no recommendation)")
         if self.n_boot < 0:
             raise ConfigError("n_boot", self.n_boot, "must be >= 0 (0 = no bootstrap intervals)")
-        if self.max_parallel * self.threads_per_run > cores:
+        if self.local_cores and self.max_parallel * self.threads_per_run > cores:
             fix = f"max_parallel * threads_per_run must be <= the {cores} cores here; lower one of them"
             raise ConfigError("max_parallel", self.max_parallel, fix)
 
@@ -341,17 +360,27 @@ def train_command(p: Point) -> list[str]:
     return [sys.executable, "-m", "vidtron.launch.train", *p.train_args]
 
 
-def _start(p: Point, threads: int) -> subprocess.Popen:
-    """Launch a point's trainer with its output in `run_dir/train.log`."""
+def prepare_point(p: Point) -> None:
+    """Before (re)starting a point on any launcher: its folder, no DONE, and `point.json` with its overrides."""
     p.run_dir.mkdir(parents=True, exist_ok=True)
     (p.run_dir / DONE).unlink(missing_ok=True)
     (p.run_dir / POINT).write_text(json.dumps({"size": asdict(p.size), "train_args": p.train_args}, indent=1))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+
+
+def train_env(threads: int) -> dict[str, str]:
+    """The environment variables a run sets on top of its launcher's: its thread count, offline wandb by default."""
+    return {"OMP_NUM_THREADS": str(threads), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
+
+
+def _start(p: Point, threads: int) -> subprocess.Popen:
+    """Launch a point's trainer with its output in `run_dir/train.log`."""
+    prepare_point(p)
     with open(p.run_dir / "train.log", "ab") as log:
+        env = {**os.environ, **train_env(threads)}
         return subprocess.Popen(train_command(p), stdout=log, stderr=subprocess.STDOUT, env=env)
 
 
-def _finish(p: Point, rc: int, wall_s: float, cpu_s: float) -> bool:
+def finish_point(p: Point, rc: int, wall_s: float, cpu_s: float) -> bool:
     """Write DONE after a clean exit whose metrics reach the target step; False for a failed run."""
     records = read_metrics(p.run_dir)
     reached = records[-1]["step"] if records else 0
@@ -394,7 +423,7 @@ def run_points(points: list[Point], max_parallel: int = 1, threads: int = 1, pol
                 del running[name]
                 wall, cpu = time.perf_counter() - t0, _children_cpu_s() - cpu0  # poll() reaped exactly this child
                 status["wall_s"][name], status["cpu_s"][name] = wall, cpu
-                status["ran" if _finish(p, proc.returncode, wall, cpu) else "failed"].append(name)
+                status["ran" if finish_point(p, proc.returncode, wall, cpu) else "failed"].append(name)
     finally:
         for _, proc, _ in running.values():  # interrupted: stop only the runs this sweep started
             proc.terminate()
@@ -482,11 +511,21 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
     Returns ``{"ran", "skipped", "failed", "wall_s", "cpu_s", "rows", "report"}``; ``report`` is the
     `write_report` summary, or None when a run failed (rerun the same command to retry) or the fit
-    raised (its message is in ``report_error``).
+    raised (its message is in ``report_error``). With ``dry_run`` (launcher=slurm) it prints the pending
+    runs' sbatch scripts and returns ``{"dry_run": True, "scripts": {name: script}, ...}`` without training.
     """
+    from vidtron.recipes.scaling import sweep_launchers
+
     points = build_points(cfg)
     check_out_folder(points)
-    status = run_points(points, cfg.max_parallel, cfg.threads_per_run)
+    if cfg.dry_run:
+        return sweep_launchers.dry_run_slurm(points, cfg)
+    if cfg.launcher == "ray":
+        status = sweep_launchers.run_points_ray(points, cfg)
+    elif cfg.launcher == "slurm":
+        status = sweep_launchers.run_points_slurm(points, cfg)
+    else:
+        status = run_points(points, cfg.max_parallel, cfg.threads_per_run)
     out = Path(cfg.out)
     rows = collect([p for p in points if is_done(p)], cfg.smooth)
     write_results(rows, points, cfg, out)
