@@ -16,26 +16,10 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from bench.common import write_result
+from bench.common import proc_status_bytes, reset_peak_rss, write_result
 
 FLAVOR = "dit-small"
 RUNS = (("safetensors", "200MB"), ("diffusers", "200MB"), ("hunyuan", "200MB"), ("hunyuan", "50MB"))  # format, shard
-
-
-def _proc_status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def save_random_checkpoint(run_dir: str, flavor: str = FLAVOR, seed: int = 0) -> str:
@@ -67,10 +51,10 @@ def export_in_child(ckpt: str, fmt: str, max_shard: str, out: str) -> dict:
 
     torch.set_num_threads(1)
     torch.cat([torch.empty(1, device="meta")] * 2)  # lazily imports the meta kernels (~150 MB): baseline, not export
-    reset = _reset_peak()
-    baseline = _proc_status_bytes("VmRSS")
+    reset = reset_peak_rss()
+    baseline = proc_status_bytes("VmRSS")
     report = export_checkpoint(Path(ckpt), fmt, Path(out), checkpoint_config(Path(ckpt)), parse_size(max_shard))
-    peak = _proc_status_bytes("VmHWM")
+    peak = proc_status_bytes("VmHWM")
     return {
         "format": fmt,
         "max_shard_size": max_shard,

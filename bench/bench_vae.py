@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import write_result
+from bench.common import proc_status_bytes, reset_peak_rss, write_result
 
 SIZES = ((17, 64, 64), (17, 128, 128), (33, 128, 128), (33, 256, 256))  # frames, height, width
 TILING = {"tile_size": 64, "tile_frames": 17, "overlap": 0.25}
@@ -28,29 +28,14 @@ FLAVOR = "vae-tiny"
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _measured(fn):
     """(result, seconds, peak MiB above the resident set before the call, whether the peak was reset)."""
-    reset = _reset_peak()
-    before = _status_kb("VmRSS")
+    reset = reset_peak_rss()
+    before = proc_status_bytes("VmRSS")
     t0 = time.perf_counter()
     out = fn()
     seconds = time.perf_counter() - t0
-    return out, seconds, (_status_kb("VmHWM") - before) / 1024, reset
+    return out, seconds, (proc_status_bytes("VmHWM") - before) / 2**20, reset
 
 
 def child(frames: int, height: int, width: int, tiled: bool) -> dict:
