@@ -29,3 +29,20 @@ def test_sample_writes_videos(synth_data, tmp_path):
 def test_sample_rejects_a_run_without_checkpoints(tmp_path, capsys):
     assert sample_main(["--run-dir", str(tmp_path), "--prompt", "x"]) == 2
     assert "no committed checkpoint" in capsys.readouterr().err
+
+
+def test_samples_decode_with_the_runs_causal_vae(tmp_path):
+    """A run trained on causal-VAE latents (data.vae) decodes its samples with that VAE, not the stand-in."""
+    from vidtron.models.vae import CausalVAE
+    from vidtron.models.vae.configs import FLAVORS
+    from vidtron.recipes.dit_t2v.stream import LatentEncoder
+
+    torch.manual_seed(0)
+    vae = CausalVAE(FLAVORS["vae-tiny"]).eval()
+    codec = LatentEncoder(vae)
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    z = codec(video)  # [1, 16, 2, 4, 4], scaled into the DiT's latent space
+    assert z.shape == (1, 16, 2, 4, 4)
+    with torch.no_grad():
+        expected = vae.decode(vae.encode(video)[0])
+    torch.testing.assert_close(codec.decode(z), expected, atol=1e-5, rtol=1e-5)

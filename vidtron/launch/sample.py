@@ -33,8 +33,8 @@ from vidtron.platform.checkpoint import latest_valid_checkpoint, load_model_weig
 from vidtron.platform.distributed import DistContext, init_distributed, shutdown
 from vidtron.platform.errors import ConfigError
 from vidtron.platform.video_io import to_uint8_frames, write_gif, write_mp4
-from vidtron.recipes.dit_t2v.data import load_autoencoder
 from vidtron.recipes.dit_t2v.sampling import SampleOptions, sample_latents
+from vidtron.recipes.dit_t2v.stream import build_latent_encoder
 from vidtron.recipes.dit_t2v.task import dit_config
 
 
@@ -111,8 +111,9 @@ def generate_latents(
 
 
 def write_samples(z: torch.Tensor, prompts: list[str], cfg: dict, out: Path, data_root: str = "") -> list[Path]:
-    """Decode latents with the run's autoencoder; write latents.safetensors and per prompt MP4, GIF and caption."""
-    video = load_autoencoder(data_root or cfg["data"]["root"]).decode(z)
+    """Decode latents with the run's VAE (its causal VAE when data.vae was set, else the stand-in autoencoder of
+    the data root); write latents.safetensors and per prompt MP4, GIF and caption."""
+    video = build_latent_encoder(data_root or cfg["data"]["root"], cfg["data"].get("vae", "")).decode(z)
     out.mkdir(parents=True, exist_ok=True)
     save_file({"latents": z.contiguous()}, str(out / "latents.safetensors"))
     written = [out / "latents.safetensors"]

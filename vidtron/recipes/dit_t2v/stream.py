@@ -50,6 +50,13 @@ class LatentEncoder:
             return self.model.to_dit_latents(mean)
         return self.model.encode(video_BCFHW)
 
+    @torch.no_grad()
+    def decode(self, z_BCfhw: torch.Tensor) -> torch.Tensor:
+        """DiT latents -> pixels [B, 3, F, H, W] (the inverse of `__call__` up to the VAE's reconstruction)."""
+        if isinstance(self.model, CausalVAE):
+            return self.model.decode(self.model.from_dit_latents(z_BCfhw))
+        return self.model.decode(z_BCfhw)
+
 
 def build_latent_encoder(root: str | Path, vae: str = "") -> LatentEncoder:
     return LatentEncoder(load_causal_vae(vae) if vae else load_autoencoder(root))
