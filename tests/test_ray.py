@@ -142,3 +142,40 @@ def test_rerun_after_the_driver_dies_resumes(synth_data, ref, ray_sandbox, tmp_p
     assert len(resumes) == 1 and 4 <= resumes[0] < STEPS
     assert_matches_reference(box.run_dir, ref)
     assert_nothing_outside(tmp_path)
+
+
+RAY_DRILLS = {
+    # fault overrides -> the step the run must resume from (or roll back to)
+    "corrupt-then-kill": (["faults.corrupt_checkpoint=6", "faults.kill_rank=1", "faults.kill_at_step=7"], 4),
+    "kill-during-async-save": (
+        ["trainer.async_checkpoint=true", "faults.kill_rank=0", "faults.kill_during_checkpoint=6"],
+        4,
+    ),
+    "hung-rank": (["faults.hang_rank=1", "faults.hang_at_step=5", "trainer.collective_timeout_s=12"], 4),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("drill", sorted(RAY_DRILLS))
+def test_fault_drills_under_ray(drill, synth_data, ref, ray_sandbox, tmp_path):
+    """The torchrun drills of tests/test_faults.py, under Ray Train: the group restarts and resumes from the last
+    good committed checkpoint, and the final parameters equal the uninterrupted run's."""
+    box = ray_sandbox
+    extra, resume_step = RAY_DRILLS[drill]
+    box.run(train_cmd(synth_data, box.run_dir, *extra, "launcher.max_failures=2", launcher="ray"))
+    ev = assert_resumed_from(box.run_dir, resume_step)
+    assert [e["attempts"] for e in ev if e["event"] == "restart"] == [{"ray": 1}]
+    assert_matches_reference(box.run_dir, ref)
+    assert_nothing_outside(tmp_path)
+    assert box.cleanup() == []
+
+
+@pytest.mark.slow
+def test_nan_rollback_under_ray(synth_data, ref, ray_sandbox, tmp_path):
+    box = ray_sandbox
+    extra = ["faults.nan_at_step=5", "faults.nan_steps=2", "trainer.max_bad_steps=2"]
+    box.run(train_cmd(synth_data, box.run_dir, *extra, launcher="ray"))
+    rollbacks = [e for e in events(box.run_dir) if e["event"] == "rollback"]
+    assert [(e["from_step"], e["to_step"]) for e in rollbacks] == [(6, 4)]
+    assert_matches_reference(box.run_dir, ref)
+    assert box.cleanup() == []
