@@ -20,6 +20,17 @@ def _synth(out, clips: int = 32, frames: int = 9, size: int = 64, seed: int = 0)
     return out
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one torch thread (steadier timings on a shared machine), then restore the count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory):
     """32 generated 9x64x64 clips in 2 shards, plus the fitted stand-in autoencoder."""
