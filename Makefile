@@ -17,6 +17,9 @@ $(BIN)/python:
 $(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[test]"
+	# DeepSpeed (parallel.zero.engine=deepspeed) is an sdist whose setup imports torch: build it against ours,
+	# with no JIT ops (DS_BUILD_OPS=0). Same pin as the [deepspeed] extra.
+	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.19.8,<0.20"
 	@touch $@
 
 venv install: $(VENV)/.installed

@@ -129,18 +129,22 @@ def _ranks(data_root: str, world: int, steps: int) -> dict:
     return out
 
 
-def _report(name: str, cfg: TrainConfig, got: dict, single: dict, world: int) -> dict:
-    task_cfg = DiTTextToVideo(cfg)
-    dims = build_dims(cfg.parallel, world)
+def predicted_bytes(task: DiTTextToVideo, cfg: TrainConfig, dims) -> dict[str, float]:
+    """comm_accounting's bytes per collective kind for one forward + backward of this config's DiT."""
     with torch.device("meta"):
-        meta = DiT(task_cfg.dit_cfg)
+        meta = DiT(task.dit_cfg)
     work = Workload(
         batch=cfg.data.batch_size // dims.dp,
-        video_tokens=task_cfg.tokens_per_sample,
+        video_tokens=task.tokens_per_sample,
         text_tokens=cfg.text.max_tokens,
         zero_stage=cfg.parallel.zero.stage,
     )
-    predicted = analytic_bytes(meta, dims, work)
+    return analytic_bytes(meta, dims, work)
+
+
+def _report(name: str, cfg: TrainConfig, got: dict, single: dict, world: int) -> dict:
+    dims = build_dims(cfg.parallel, world)
+    predicted = predicted_bytes(DiTTextToVideo(cfg), cfg, dims)
     kinds = [k for k in KINDS if got["bytes"].get(k) or predicted.get(k)]
     ratio = {k: (got["bytes"].get(k, 0) / predicted[k]) if predicted.get(k) else None for k in kinds}
     measured_total, predicted_total = sum(got["bytes"].values()), sum(predicted.values())

@@ -41,3 +41,15 @@ def synth_data(tmp_path_factory):
 def synth_data_64(tmp_path_factory):
     """64 generated clips (the demo's size) for the convergence test."""
     return _synth(tmp_path_factory.mktemp("data64") / "synth", clips=64)
+
+
+@pytest.fixture(scope="session")
+def pad_data(tmp_path_factory):
+    """The parity data (tests/test_parallel_parity.py, test_deepspeed.py): 32 clips of 9 x 48 x 80, so every CP and
+    SP layout pads its 45 video tokens."""
+    from vidtron.launch.data import main
+
+    out = tmp_path_factory.mktemp("parity") / "data"
+    args = ["synth", "--out", str(out), "--clips", "32", "--frames", "9", "--height", "48", "--width", "80"]
+    assert main(args) == 0
+    return out

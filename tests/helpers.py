@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from vidtron.parallel.deepspeed_zero import full_parameters, is_engine
 from vidtron.platform.compose import compose_config
 from vidtron.platform.distributed import init_distributed
 from vidtron.platform.trainer import train
@@ -17,7 +18,9 @@ def run_training(data_root, run_dir, *overrides: str):
 
 
 def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded copies of every parameter (DTensors gathered)."""
+    """Unsharded copies of every parameter (DTensors and DeepSpeed ZeRO partitions gathered; collective)."""
+    if is_engine(model):
+        return full_parameters(model)
     out = {}
     for name, p in model.named_parameters():
         t = p.detach()

@@ -18,7 +18,7 @@ TRAIN_CASES = [
     (["trainer.steps=many"], "trainer.steps='many'", "Integer"),
     (["trainer.stepz=3"], "trainer.stepz", "unknown key"),
     (["parallel.tp=3"], "parallel", "processes"),
-    (["parallel.zero.engine=deepspeed"], "parallel.zero.engine='deepspeed'", "not implemented yet"),
+    (["parallel.zero.engine=deepspeed", "parallel.tp=2"], "parallel.tp=2", "without tensor parallelism"),
 ]
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.helpers import full_params
 from vidtron.parallel.dims import ParallelDims
 from vidtron.platform.compose import compose_config
 from vidtron.platform.distributed import DistContext, init_distributed
@@ -87,13 +88,6 @@ def config(data_root, run_dir, *overrides: str):
     return compose_config([*common, *overrides])
 
 
-def full_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded copies of every parameter; collective for DTensors (every rank must call it)."""
-    return {
-        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()
-    }
-
-
 def _train(cfg, ctx) -> dict:
     state = train(cfg, DiTTextToVideo(cfg), ctx)
     params = full_params(state.model)
@@ -129,16 +123,6 @@ def _check(name: str, got: dict, ref: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures: data, the single-rank reference, one process group per world size
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def pad_data(tmp_path_factory):
-    from vidtron.launch.data import main
-
-    out = tmp_path_factory.mktemp("parity") / "data"
-    args = ["synth", "--out", str(out), "--clips", "32", "--frames", "9", "--height", "48", "--width", "80"]
-    assert main(args) == 0
-    return out
-
-
 @pytest.fixture(scope="module")
 def reference(pad_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("parity") / "single"
@@ -181,13 +165,17 @@ def test_checkpoints_reshard_tp2cp2_to_dp4_to_one_rank(world4, reference, pad_da
     final parameters equal the uninterrupted single-rank run. DCP reshards by parameter name; the data position
     comes from the manifest."""
     results, tmp = world4
-    first, second = results["reshard"]
     last = _train(_leg(pad_data, f"{tmp}/reshard", [], 5), DistContext(0, 1, 0, torch.device("cpu")))
-    losses = first + second + last["losses"]
-    assert [len(first), len(second), len(last["losses"])] == [10, 5, 5]
+    check_continuation("reshard", results["reshard"], last, reference)
+
+
+def check_continuation(name: str, legs: list[list[float]], last: dict, reference: dict) -> None:
+    """Legs of 10 and 5 steps, then `last` (5 steps, with final params) continue the uninterrupted run."""
+    losses = [x for leg in legs for x in leg] + last["losses"]
+    assert [*map(len, legs), len(last["losses"])] == [10, 5, 5]
     loss_diff = max(abs(x - y) for x, y in zip(losses, reference["losses"]))
     param_diff = _max_param_diff(last["params"], reference["params"])
-    print(f"parity reshard: max loss diff {loss_diff:.2e}, max param diff {param_diff:.2e}")
+    print(f"parity {name}: max loss diff {loss_diff:.2e}, max param diff {param_diff:.2e}")
     assert loss_diff <= TOL and param_diff <= TOL, (loss_diff, param_diff)
 
 

@@ -135,6 +135,13 @@ def _begin_save(run_dir, step: int, ctx: DistContext) -> tuple[Path, Path]:
     return tmp, final
 
 
+def _state_dicts(model, optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts by parameter name: torch's `get_state_dict` (FSDP2 / DTensor / plain), or
+    the full-tensor state of an optimizer that keeps its own partitions (DeepSpeed ZeRO: `checkpoint_state`)."""
+    own = getattr(optimizer, "checkpoint_state", None)
+    return own() if own is not None else get_state_dict(model, optimizer)
+
+
 def save_checkpoint(
     run_dir, step: int, model, optimizer, meta: dict, ctx: DistContext, keep_last: int = 3, hooks=None
 ) -> Path:
@@ -144,7 +151,7 @@ def save_checkpoint(
     `after_commit(step, path)` once committed.
     """
     tmp, final = _begin_save(run_dir, step, ctx)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     if hooks is not None:
         hooks.before_commit(step)
@@ -197,7 +204,7 @@ def save_checkpoint_async(
     interleave with the training ones). Call `finish()` on every rank before the next save and before exit.
     """
     tmp, final = _begin_save(run_dir, step, ctx)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), process_group=group)
     if hooks is not None:
         hooks.before_commit(step)  # the write is in flight: a crash here leaves a torn step_N.tmp/
@@ -299,10 +306,13 @@ def read_manifest(path: Path) -> dict:
 def load_checkpoint(path: Path, model, optimizer, ctx: DistContext) -> dict:
     """Load model + optimizer (resharding to this layout as needed) and this rank's RNG; return the manifest."""
     path = Path(path)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _state_dicts(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    if hasattr(optimizer, "load_checkpoint_state"):
+        optimizer.load_checkpoint_state(state["model"], state["optim"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     _restore_rng(path / "rng" / f"rank_{ctx.rank}.safetensors")
     return read_manifest(path)
 

@@ -170,18 +170,21 @@ class TrainerConfig:
 
 @dataclass
 class ZeroConfig:
-    engine: str = "fsdp2"  # fsdp2 (the DeepSpeed engine is not implemented yet)
-    stage: int = 3  # ZeRO stage: 3 shards params+grads+optimizer state; 2 (and 1) keep params after forward
+    engine: str = "fsdp2"  # fsdp2 | deepspeed (extra [deepspeed]; data + context parallel only, tp = 1)
+    stage: int = 3  # ZeRO stage: 3 shards params+grads+optimizer state; 2 grads+optimizer; 1 optimizer (FSDP2: as 2)
+    # deepspeed only: parameters with fewer elements than this stay whole on every rank under ZeRO-3
+    # (DeepSpeed's stage3_param_persistence_threshold; fewer, larger all-gathers)
+    ds_persist_below: int = 100_000
+    ds_bucket_elements: int = 50_000_000  # deepspeed only: reduce / all-gather bucket size in elements
 
     def __post_init__(self) -> None:
-        if self.engine == "deepspeed":
-            raise ConfigError(
-                "parallel.zero.engine", self.engine, "the DeepSpeed engine is not implemented yet; use fsdp2"
-            )
-        if self.engine != "fsdp2":
-            raise ConfigError("parallel.zero.engine", self.engine, "choose 'fsdp2'")
+        if self.engine not in ("fsdp2", "deepspeed"):
+            raise ConfigError("parallel.zero.engine", self.engine, "choose 'fsdp2' or 'deepspeed'")
         if self.stage not in (1, 2, 3):
             raise ConfigError("parallel.zero.stage", self.stage, "choose 1, 2 or 3")
+        for name in ("ds_persist_below", "ds_bucket_elements"):
+            if getattr(self, name) < (0 if name == "ds_persist_below" else 1):
+                raise ConfigError(f"parallel.zero.{name}", getattr(self, name), "must be a positive element count")
 
 
 @dataclass
@@ -193,6 +196,24 @@ class ParallelConfig:
     dp_shard: int = -1  # ZeRO-sharded data-parallel degree; -1 = whatever the world size leaves
     dp_replicate: int = 1  # replicated data-parallel degree (HSDP outer dim)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
+
+    def __post_init__(self) -> None:
+        if self.zero.engine != "deepspeed":
+            return
+        if self.tp > 1:
+            raise ConfigError(
+                "parallel.tp",
+                self.tp,
+                "parallel.zero.engine=deepspeed runs without tensor parallelism (it flattens whole parameters, "
+                "not DTensor shards); use parallel.tp=1 or parallel.zero.engine=fsdp2",
+            )
+        if self.dp_replicate > 1:
+            raise ConfigError(
+                "parallel.dp_replicate",
+                self.dp_replicate,
+                "parallel.zero.engine=deepspeed shards over every data-parallel rank (no HSDP); "
+                "use parallel.dp_replicate=1 with parallel.dp_shard=N, or parallel.zero.engine=fsdp2",
+            )
 
 
 @dataclass
@@ -297,3 +318,9 @@ class TrainConfig:
             raise ConfigError("recipe", self.recipe, f"choose one of {list(RECIPES)}")
         if not self.run_dir:
             raise ConfigError("run_dir", self.run_dir, "give a folder, e.g. run_dir=runs/my_run")
+        if self.recipe == "vae" and self.parallel.zero.engine == "deepspeed":
+            raise ConfigError(
+                "parallel.zero.engine",
+                "deepspeed",
+                "recipe=vae trains two optimizers (VAE and discriminator), which the deepspeed engine does not; use fsdp2",
+            )

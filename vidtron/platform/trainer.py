@@ -100,7 +100,9 @@ def setup_model(task, cfg: TrainConfig, dims: ParallelDims, ctx: DistContext) ->
     model = task.build_model()
     if ctx.distributed:
         dims.build_mesh(ctx.device.type)
-    opts = ParallelizeOptions(zero_stage=cfg.parallel.zero.stage, memory=cfg.memory)
+    opts = ParallelizeOptions(
+        zero_stage=cfg.parallel.zero.stage, zero_engine=cfg.parallel.zero.engine, memory=cfg.memory
+    )
     return task.parallelize(model, dims, opts).to(ctx.device)
 
 
@@ -156,6 +158,8 @@ def train(cfg: TrainConfig, task, ctx: DistContext) -> TrainState:
     task.validate_layout(dims)
     model = setup_model(task, cfg, dims, ctx)
     optimizer = _build_optimizers(task, model, cfg)
+    if cfg.parallel.zero.engine == "deepspeed":
+        model, optimizer = _deepspeed(task, model, optimizer, cfg, dims)
     faults = FaultInjector(cfg.faults, cfg.run_dir, ctx.rank, ctx.world_size)
     state = maybe_resume(cfg, model, optimizer, ctx)
     if ctx.is_main:
@@ -241,6 +245,19 @@ def _build_optimizers(task, model, cfg: TrainConfig):
     return list(task.optimizers.values())
 
 
+def _deepspeed(task, model, optimizer, cfg: TrainConfig, dims: ParallelDims):
+    """(engine, DeepSpeedZeRO): parallel.zero.engine=deepspeed wraps the model and its one AdamW."""
+    from vidtron.parallel import deepspeed_zero
+
+    if isinstance(optimizer, list):
+        raise ConfigError(
+            "parallel.zero.engine",
+            "deepspeed",
+            f"recipe={cfg.recipe} trains several optimizers, which the deepspeed engine does not; use fsdp2",
+        )
+    return deepspeed_zero.initialize(model, optimizer, cfg, dims)
+
+
 def _update(cfg, task, model, optimizer, batch, step: int, lr: float, ctx: DistContext, faults) -> tuple[float, float]:
     """loss -> backward -> clip -> AdamW step unless the loss or grad norm is NaN/inf; (loss, grad norm)."""
     for group in optimizer.param_groups:
@@ -248,6 +265,9 @@ def _update(cfg, task, model, optimizer, batch, step: int, lr: float, ctx: DistC
     loss = task.loss(model, batch, ctx.device)
     if faults is not None:
         loss = faults.poison(loss, step)
+    if hasattr(optimizer, "update"):  # the DeepSpeed engine: backward, reduce, clip and step in one call
+        loss_value = _mean_over_world(loss, ctx)  # NaN + x has finite gradients: a NaN loss must skip by itself
+        return loss_value, optimizer.update(loss) if math.isfinite(loss_value) else float("nan")
     loss.backward()
     grad_norm = _grad_norm(model, cfg.optim.grad_clip)
     loss_value = _mean_over_world(loss, ctx)  # the same on every rank, so all ranks agree to skip

@@ -7,7 +7,8 @@
                       and gather the video before the final layer (vidtron/parallel/context_wrap.py)
 3. recompute/offload  (activation memory policies; not yet)
 4. torch.compile      (not yet)
-5. FSDP2 per block, then the root (ZeRO-3 by default; ZeRO-2 keeps params after forward; HSDP with
+5. FSDP2 per block, then the root (skipped for parallel.zero.engine=deepspeed: the trainer hands the model to
+   DeepSpeed ZeRO instead, vidtron/parallel/deepspeed_zero.py) (ZeRO-3 by default; ZeRO-2 keeps params after forward; HSDP with
    dp_replicate > 1). Parameters are sharded over dp_shard x cp (CP ranks hold the same parameters); with tp > 1
    FSDP2 shards the TP DTensors on the 2D (dp_shard_cp, tp) mesh.
 
@@ -35,6 +36,7 @@ from vidtron.platform.config import MemoryConfig
 @dataclass
 class ParallelizeOptions:
     zero_stage: int = 3  # 3: reshard params after forward; 2: keep them until backward; 1 acts like 2 with FSDP2
+    zero_engine: str = "fsdp2"  # fsdp2: step 5 here; deepspeed: no FSDP, the trainer wraps the model afterwards
     param_dtype: str = "float32"  # FSDP2 mixed precision: dtype of the all-gathered params
     memory: MemoryConfig = field(default_factory=MemoryConfig)  # step 3: recompute / offload policies
 
@@ -78,7 +80,7 @@ def parallelize_dit(model: nn.Module, dims: ParallelDims, opts: ParallelizeOptio
     if dims.tp > 1 or dims.cp > 1:
         apply_context_parallel(model, dims)
     apply_activation_memory(model, opts.memory)  # 3. recompute, then offload
-    if _uses_fsdp(dims):
+    if _uses_fsdp(dims) and opts.zero_engine == "fsdp2":
         apply_fsdp(model, dims, opts)
     elif dims.tp > 1:
         reduce_partial_grads(model)
