@@ -1,11 +1,12 @@
 """Streaming export of a DCP training checkpoint to consolidated, sharded safetensors.
 
-Formats (`FORMATS`), each a folder with `config.json` and weights named like Hugging Face's sharded files
-(`<prefix>.safetensors`, or `<prefix>-0000i-of-0000n.safetensors` + `<prefix>.safetensors.index.json`):
+Each format writes a folder with `config.json` and weights named like Hugging Face's sharded files
+(`<prefix>.safetensors`, or `<prefix>-0000i-of-0000n.safetensors` + `<prefix>.safetensors.index.json`). Which
+model a checkpoint holds (a DiT, or a `recipe=vae` run's causal VAE next to its discriminator) and the formats of
+each are in `export_models.py`:
 
-    safetensors  our parameter names, config.json = our DiTConfig               prefix `model`
-    diffusers    `HunyuanVideoTransformer3DModel.from_pretrained(folder)` loads   prefix `diffusion_pytorch_model`
-    hunyuan      the original HunyuanVideo repository's names and fused tensors  prefix `model`
+    DiT          safetensors (ours), diffusers (HunyuanVideoTransformer3DModel), hunyuan (the original repository)
+    causal VAE   diffusers (AutoencoderKLHunyuanVideo), safetensors (ours)
 
 The conversion is the in-memory one (`to_diffusers`, `to_hunyuan`), applied to one group of tensors at a time:
 a format's `groups` says which of our tensors convert together (a fused q;k;v needs its three pieces).
@@ -22,13 +23,11 @@ complete; a failed export leaves no output folder behind.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
-import importlib.metadata
 import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,16 +38,22 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from vidtron.models.dit import DiT
-from vidtron.models.dit.configs import DiTConfig, to_diffusers_config
-from vidtron.models.dit.hunyuan_adapter import hunyuan_groups, to_hunyuan, to_hunyuan_config
-from vidtron.models.dit.state_dict_adapter import to_diffusers
 from vidtron.platform.checkpoint import MANIFEST, SafeFileSystemReader, verify
 from vidtron.platform.errors import ConfigError, DataError
+from vidtron.platform.export_models import (
+    ALL_FORMATS,
+    DIT,
+    ExportModel,
+    Format,
+    ModelConfig,
+    StateDict,
+    expected_shapes,
+    export_model,
+)
 
 MODEL_PREFIX = "model."  # the trainer saves {"model": ..., "optim": ...}; DCP flattens to "model.<name>"
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-StateDict = dict[str, torch.Tensor]
+FORMATS: dict[str, Format] = DIT.formats  # the DiT's; `export_models.ALL_FORMATS` names every model's
 
 
 class Source(NamedTuple):
@@ -56,37 +61,6 @@ class Source(NamedTuple):
 
     shape: torch.Size
     dtype: torch.dtype
-
-
-@dataclass(frozen=True)
-class Format:
-    weights: str  # file prefix of the weights
-    groups: Callable[[Iterable[str]], list[list[str]]]  # our names -> groups that convert to whole outputs
-    convert: Callable[[StateDict], StateDict]  # our (partial) state dict -> this format's
-    config: Callable[[DiTConfig], dict]  # config.json
-
-
-def _one_each(keys: Iterable[str]) -> list[list[str]]:
-    return [[k] for k in keys]
-
-
-def _our_config(cfg: DiTConfig) -> dict:
-    return {**dataclasses.asdict(cfg), "rope_axes_dim": list(cfg.rope_axes_dim)}
-
-
-def _diffusers_config(cfg: DiTConfig) -> dict:
-    try:
-        version = importlib.metadata.version("diffusers")
-    except importlib.metadata.PackageNotFoundError:
-        version = "0.32.0"  # the first release with HunyuanVideoTransformer3DModel
-    return {"_class_name": "HunyuanVideoTransformer3DModel", "_diffusers_version": version, **to_diffusers_config(cfg)}
-
-
-FORMATS: dict[str, Format] = {
-    "safetensors": Format("model", _one_each, dict, _our_config),
-    "diffusers": Format("diffusion_pytorch_model", _one_each, to_diffusers, _diffusers_config),
-    "hunyuan": Format("model", hunyuan_groups, to_hunyuan, to_hunyuan_config),
-}
 
 
 class Group(NamedTuple):
@@ -127,25 +101,30 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def checkpoint_sources(ckpt: Path) -> dict[str, Source]:
-    """Our parameter name -> shape and dtype, for every model tensor of a DCP checkpoint (nothing is loaded)."""
+def checkpoint_sources(ckpt: Path, prefix: str = "") -> dict[str, Source]:
+    """Our parameter name -> shape and dtype, for every model tensor of a DCP checkpoint whose name starts with
+    `prefix` (stripped; "vae." picks a recipe=vae run's VAE); nothing is loaded."""
     metadata = SafeFileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    start = MODEL_PREFIX + prefix
     return {
-        fqn.removeprefix(MODEL_PREFIX): Source(md.size, md.properties.dtype)
+        fqn.removeprefix(start): Source(md.size, md.properties.dtype)
         for fqn, md in metadata.items()
-        if fqn.startswith(MODEL_PREFIX) and isinstance(md, TensorStorageMetadata)
+        if fqn.startswith(start) and isinstance(md, TensorStorageMetadata)
     }
 
 
-def check_sources(sources: dict[str, Source], cfg: DiTConfig) -> None:
-    """The checkpoint holds exactly the parameters (names and shapes) of a DiT with `cfg`."""
-    with torch.device("meta"):
-        want = {k: v.shape for k, v in DiT(cfg).state_dict().items()}
+def check_sources(sources: dict[str, Source], cfg: ModelConfig, model: ExportModel | None = None) -> None:
+    """The checkpoint holds exactly the parameters (names and shapes) of `model` (by default the kind `cfg`
+    describes) built with `cfg`."""
+    model = model or export_model(cfg)
+    want = expected_shapes(model, cfg)
     missing, extra = sorted(set(want) - set(sources)), sorted(set(sources) - set(want))
     wrong = sorted(k for k in set(want) & set(sources) if tuple(want[k]) != tuple(sources[k].shape))
     if missing or extra or wrong:
         detail = f"missing {missing[:3]}, unexpected {extra[:3]}, wrong shape {wrong[:3]}"
-        raise DataError(f"the checkpoint's model tensors do not match its config ({detail}); is it a vidtron DiT?")
+        raise DataError(
+            f"the checkpoint's model tensors do not match its config ({detail}); is it a vidtron {model.name}?"
+        )
 
 
 def plan_groups(fmt: Format, sources: dict[str, Source], dtype: torch.dtype | None) -> list[Group]:
@@ -167,11 +146,14 @@ def plan_shards(groups: list[Group], max_bytes: int) -> list[list[Group]]:
     return [s for s in shards if s]
 
 
-def load_sources(ckpt: Path, keys: list[str], sources: dict[str, Source], dtype: torch.dtype | None) -> StateDict:
-    """Just these model tensors of the checkpoint, full (DCP reshards any saved layout), cast to `dtype`."""
-    state = {k: torch.empty(sources[k].shape, dtype=dtype or sources[k].dtype) for k in keys}
+def load_sources(
+    ckpt: Path, keys: list[str], sources: dict[str, Source], dtype: torch.dtype | None, prefix: str = ""
+) -> StateDict:
+    """Just these model tensors of the checkpoint (names without `prefix`), full (DCP reshards any saved layout),
+    cast to `dtype`."""
+    state = {prefix + k: torch.empty(sources[k].shape, dtype=dtype or sources[k].dtype) for k in keys}
     dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(ckpt)))
-    return state
+    return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
 def convert_shard(fmt: Format, shard: list[Group], loaded: StateDict) -> tuple[StateDict, int]:
@@ -255,32 +237,41 @@ def check_checkpoint(ckpt: Path) -> None:
         raise ConfigError("--ckpt", str(ckpt), fix)
 
 
+def check_format(fmt: str, model: ExportModel) -> Format:
+    """`model`'s Format called `fmt`, or a ConfigError naming the formats this checkpoint supports."""
+    if fmt in model.formats:
+        return model.formats[fmt]
+    if fmt in ALL_FORMATS:
+        raise ConfigError("--format", fmt, f"does not apply to a {model.name} checkpoint; choose {list(model.formats)}")
+    raise ConfigError("--format", fmt, f"choose one of {ALL_FORMATS}")
+
+
 def export_checkpoint(
     ckpt: Path,
     fmt: str,
     out: Path,
-    cfg: DiTConfig,
+    cfg: ModelConfig,
     max_shard_bytes: int = 5 * 10**9,
     dtype: torch.dtype | None = None,
     check_files: bool = True,
 ) -> ExportReport:
-    """Export the model weights of the checkpoint `ckpt` (a DiT with `cfg`) to the folder `out` in `fmt`."""
+    """Export the model weights of the checkpoint `ckpt` (a DiT with `cfg`, or with a VAEConfig the VAE of a
+    recipe=vae checkpoint) to the folder `out` in `fmt`."""
     ckpt, out = Path(ckpt), Path(out)
-    if fmt not in FORMATS:
-        raise ConfigError("--format", fmt, f"choose one of {list(FORMATS)}")
+    model = export_model(cfg)
+    spec = check_format(fmt, model)
     check_checkpoint(ckpt)
     check_output(out)
     if check_files and (problem := verify(ckpt)) is not None:
         raise DataError(f"checkpoint {ckpt} is damaged ({problem}); export another one")
-    sources = checkpoint_sources(ckpt)
-    check_sources(sources, cfg)
-    spec = FORMATS[fmt]
+    sources = checkpoint_sources(ckpt, model.prefix)
+    check_sources(sources, cfg, model)
     shards = plan_shards(plan_groups(spec, sources, dtype), max_shard_bytes)
     files = _shard_files(spec.weights, len(shards))
     peak = 0
     with staged_folder(out) as tmp:
         for shard, file in zip(shards, files):
-            loaded = load_sources(ckpt, [k for g in shard for k in g.sources], sources, dtype)
+            loaded = load_sources(ckpt, [k for g in shard for k in g.sources], sources, dtype, model.prefix)
             tensors, held = convert_shard(spec, shard, loaded)
             peak = max(peak, held)
             _fsync_write(tmp / file, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))

@@ -25,13 +25,14 @@ from vidtron.recipes.dit_t2v.data import load_autoencoder
 
 
 def load_causal_vae(path: str | Path) -> CausalVAE:
-    """A CausalVAE from a diffusers-layout folder: config.json + one *.safetensors (diffusers or our names)."""
+    """A CausalVAE from a diffusers-layout folder: config.json + *.safetensors (one file or the shards of a sharded
+    export; diffusers or our names)."""
     path = Path(path)
     weights = sorted(path.glob("*.safetensors")) if path.is_dir() else []
     if not (path / "config.json").exists() or not weights:
         raise ConfigError("data.vae", str(path), "give a folder with config.json and a *.safetensors file")
     vae = CausalVAE(from_diffusers_config(json.loads((path / "config.json").read_text())))
-    sd = load_file(str(weights[0]))
+    sd = {k: v for f in weights for k, v in load_file(str(f)).items()}
     vae.load_state_dict(from_diffusers(sd) if any(".conv.weight" in k for k in sd) else sd)
     return vae.eval()
 

@@ -4,9 +4,11 @@
 resumes the critic too; the two AdamW optimizers are passed to `save_checkpoint` / `load_checkpoint` as a list
 (DCP's `get_state_dict` flattens them by parameter name). The LPIPS network is frozen and not part of it.
 
-Data parallelism here is plain replication: every rank holds both networks whole, and `train_step` averages the
-gradients over the data-parallel group before each update (and the adaptive weight's gradients before their
-norms), so any layout takes the same steps as one rank on the whole batch.
+Data parallelism: either replication, where every rank holds both networks whole and `train_step` averages the
+gradients over the data-parallel group before each update, or ZeRO (`parallelize.py`), where FSDP2 shards the
+params, gradients and AdamW state and averages the gradients itself (they arrive as DTensors, which `_update` then
+leaves alone). Either way the adaptive weight's last-layer gradients (this rank's, full tensors) are averaged over
+the group before their norms, so any layout takes the same steps as one rank on the whole batch.
 
 Shape legend: B batch, C channels, F frames, H, W pixels; Z latent channels, f, h, w latent sizes.
 """
@@ -19,6 +21,7 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from vidtron.models.vae import FLAVORS, CausalVAE
 from vidtron.models.vae.tiling import tiled_decode, tiled_encode
@@ -39,7 +42,8 @@ class VAEGAN(nn.Module):
 
     @property
     def last_layer(self) -> torch.Tensor:
-        """The decoder's last conv weight: the adaptive adversarial weight compares gradient norms here."""
+        """The decoder's last conv weight: the adaptive adversarial weight compares gradient norms here. Under ZeRO
+        (parallelize.py) read it after a decode: it is then the gathered full weight in the graph, not the shard."""
         return self.vae.decoder.conv_out.weight
 
 
@@ -96,12 +100,18 @@ def reconstruct(
 
 @contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
-    """No parameter gradients for `module` inside (gradients still flow through it to its inputs)."""
+    """No parameter gradients for `module` inside (gradients still flow through it to its inputs).
+
+    Under FSDP the registered params are the sharded ones outside a forward / backward and the unsharded ones in
+    between, and each unshard copies `requires_grad` from the sharded param; so both the params found on entry and
+    those registered on exit are restored."""
+    entered = list(module.parameters())
     module.requires_grad_(False)
     try:
         yield
     finally:
-        module.requires_grad_(True)
+        for p in [*entered, *module.parameters()]:
+            p.requires_grad_(True)
 
 
 def dp_mean(group) -> Reduce:
@@ -118,14 +128,16 @@ def dp_mean(group) -> Reduce:
 
 
 def _update(module: nn.Module, opt: torch.optim.Optimizer, grad_clip: float, group) -> torch.Tensor:
-    """Average the gradients over `group`, clip, step, clear; returns the pre-clip global grad norm. A NaN/inf
-    norm skips the update (the norm is the same on every rank after averaging, so all ranks skip together)."""
+    """Average the gradients over `group` (unless FSDP did: DTensor gradients), clip, step, clear; returns the
+    pre-clip global grad norm. A NaN/inf norm skips the update (the norm is the same on every rank after
+    averaging, so all ranks skip together)."""
     params = [p for p in module.parameters() if p.grad is not None]
-    if group is not None and params:
+    if group is not None and params and not isinstance(params[0].grad, DTensor):
         flat = dp_mean(group)(torch.cat([p.grad.flatten() for p in params]))
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p))
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded grads: the norm of the whole
     if torch.isfinite(norm):
         opt.step()
     opt.zero_grad(set_to_none=True)

@@ -2,7 +2,8 @@
 
 Hooks for the generic trainer (beyond `build_model`, `local_batch`, `loss`, `tokens_per_sample`):
     validate_layout(dims)                 pure data parallel: tp = cp = 1
-    parallelize(model, dims, cfg)         records the data-parallel group (weights stay whole on every rank)
+    parallelize(model, dims, opts)        ZeRO-2/3 (FSDP2) when dp_shard > 1, else replication (parallelize.py);
+                                          records the data-parallel group for metric means and the adaptive weight
     build_optimizers(model, optim)        {"vae": AdamW, "disc": AdamW}; checkpoint them as a list
     train_step(model, optimizers, batch, step, lr, device)   both updates; returns metrics (floats, dp means)
 `loss(model, batch, device)` is the VAE's generator loss alone (no discriminator update): for evaluation.
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from vidtron.models.dit.parallelize import ParallelizeOptions
 from vidtron.models.vae import FLAVORS
 from vidtron.parallel.dims import ParallelDims
-from vidtron.platform.config import DataConfig, OptimConfig
+from vidtron.platform.config import DataConfig, OptimConfig, ParallelConfig
 from vidtron.platform.data.sampler import GlobalSampler
 from vidtron.platform.errors import ConfigError
 from vidtron.recipes.vae.config import VAERecipeConfig
@@ -32,6 +34,7 @@ from vidtron.recipes.vae.discriminator import min_input_size
 from vidtron.recipes.vae.gan import VAEGAN, build_gan, build_optimizers, reconstruct, tiling_kwargs, train_step
 from vidtron.recipes.vae.losses import VAEObjective
 from vidtron.recipes.vae.lpips import build_lpips
+from vidtron.recipes.vae.parallelize import parallelize_gan
 
 
 def validate_layout(dims: ParallelDims) -> None:
@@ -41,6 +44,16 @@ def validate_layout(dims: ParallelDims) -> None:
             raise ConfigError(
                 f"parallel.{name}", getattr(dims, name), "recipe=vae is data parallel only; use 1 (and more dp ranks)"
             )
+
+
+def validate_parallel(p: ParallelConfig) -> None:
+    """The parallel settings recipe=vae supports beyond the layout: ZeRO through FSDP2 only."""
+    if p.zero.engine != "fsdp2":
+        raise ConfigError(
+            "parallel.zero.engine",
+            p.zero.engine,
+            "recipe=vae shards with FSDP2 only; use parallel.zero.engine=fsdp2 (ZeRO-2/3 via parallel.zero.stage)",
+        )
 
 
 class VAETask:
@@ -63,6 +76,7 @@ class VAETask:
     @classmethod
     def from_train_config(cls, cfg) -> VAETask:
         """From a TrainConfig with a `vae` section (cfg.vae, cfg.data, cfg.optim, cfg.seed)."""
+        validate_parallel(cfg.parallel)
         return cls(cfg.vae, cfg.data, cfg.optim, cfg.seed)
 
     def _ensure_disc_fits(self) -> None:
@@ -85,11 +99,15 @@ class VAETask:
     def validate_layout(self, dims: ParallelDims) -> None:
         validate_layout(dims)
 
-    def parallelize(self, model: VAEGAN, dims: ParallelDims, cfg=None) -> VAEGAN:
-        """Data parallel by replication: keep the model whole and remember the dp group for gradient averaging."""
+    def parallelize(self, model: VAEGAN, dims: ParallelDims, opts: ParallelizeOptions | None = None) -> VAEGAN:
+        """ZeRO over dp_shard (FSDP2; `opts.zero_stage` 3 by default, 2 keeps params after forward), replication
+        otherwise; remembers the dp group (gradient averaging when replicated, metric and adaptive-weight means)."""
         validate_layout(dims)
         self.group = dims.mesh["dp"].get_group() if dims.dp > 1 else None
-        return model
+        if self.group is None:
+            return model
+        opts = opts or ParallelizeOptions()
+        return parallelize_gan(model, dims, opts.zero_stage, opts.param_dtype)
 
     def build_optimizers(self, model: VAEGAN, optim: OptimConfig | None = None) -> dict[str, torch.optim.Optimizer]:
         return build_optimizers(model, optim or self.optim, self.cfg)
