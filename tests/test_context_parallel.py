@@ -110,14 +110,25 @@ def rank_main(world: int) -> dict:
     results = {}
     for name, dims_kwargs, video_lens in LAYOUTS[world]:
         dims = ParallelDims(**dims_kwargs)
-        dims.build_mesh("cpu")
+        dims.build_mesh("cpu", timeout_s=GROUP_TIMEOUT_S)
         cp_rank, group_id = dims.mesh["cp"].get_local_rank(), dims.mesh["dp_shard"].get_local_rank()
         core = build_cp_attention(dims, heads=N)
+        results[f"{name}/timeouts"] = _group_timeouts(dims, core)
         for video_len in video_lens:
             rec = run_core(core, make_case(video_len, dims.cp), cp_rank, dims.cp)
             results[f"{name}/{video_len}"] = dict(rec, cp_rank=cp_rank, group=group_id, cp=dims.cp)
     results["extra"] = extra_checks(dist.group.WORLD)
     return results
+
+
+GROUP_TIMEOUT_S = 123.0  # trainer.collective_timeout_s reaches every mesh group (torch's subgroup default: 1800 s)
+
+
+def _group_timeouts(dims: ParallelDims, core) -> list[float]:
+    """Collective timeouts (s) of every mesh dim's group, the flattened ones, and a USP core's own two groups."""
+    groups = [dims.mesh[n].get_group() for n in ("dp_replicate", "dp_shard", "cp", "tp", "dp", "dp_shard_cp")]
+    groups += [core.ulysses_group, core.ring_group] if hasattr(core, "ring_group") else []
+    return [g._get_backend(torch.device("cpu")).options._timeout.total_seconds() for g in groups]
 
 
 def extra_checks(group) -> dict:
@@ -182,6 +193,15 @@ def test_cp_attention_matches_dense(rank_results, world, layout, video_len):
             else:  # replicated text: the sum over ranks of the grads is the true grad
                 text = sum(r[key][:, :, lv_local:] for r in ranks)
                 _assert_close(text, ref[key][:, :, video_len:], f"{key} text rows summed over ranks")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_mesh_groups_get_the_collective_timeout(rank_results, world):
+    for rec in rank_results(world):
+        timeouts = {name: t for name, t in rec.items() if name.endswith("/timeouts")}
+        assert timeouts and all(t == [GROUP_TIMEOUT_S] * len(t) for t in timeouts.values()), timeouts
+    usp = [t for rec in rank_results(world) for name, t in rec.items() if name.startswith("usp") and "/time" in name]
+    assert world == 2 or (usp and all(len(t) == 8 for t in usp)), usp  # the USP core's own groups too
 
 
 @pytest.mark.parametrize("world", [2, 4])

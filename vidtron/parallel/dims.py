@@ -9,6 +9,7 @@ any process group starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from vidtron.platform.errors import ConfigError
 
@@ -30,6 +31,8 @@ class ParallelDims:
     cp_mode: str = "ring"  # ring | ulysses | usp
     ulysses: int = 0  # Ulysses degree inside usp (ring degree = cp / ulysses); 0 = derived from cp_mode
     _mesh: object = field(default=None, init=False, repr=False, compare=False)
+    # (backend, options with the collective timeout) the mesh groups were built with; None: torch's defaults
+    group_options: object = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("dp_replicate", "dp_shard", "cp", "tp"):
@@ -112,15 +115,20 @@ class ParallelDims:
             )
 
     # ---- mesh ----
-    def build_mesh(self, device_type: str = "cpu"):
-        """Build (once) the named 4D DeviceMesh plus the flattened dp and dp_shard_cp dims."""
+    def build_mesh(self, device_type: str = "cpu", timeout_s: float | None = None):
+        """Build (once) the named 4D DeviceMesh plus the flattened dp and dp_shard_cp dims. With `timeout_s` every
+        mesh process group gets that collective timeout (torch's default for subgroups is 30 min, whatever the
+        world group's is), so a hung peer in a TP / CP / DP group fails the step as fast as in the world group."""
         if self._mesh is None:
             from torch.distributed.device_mesh import init_device_mesh
 
             names = ("dp_replicate", "dp_shard", "cp", "tp")
-            mesh = init_device_mesh(device_type, tuple(getattr(self, n) for n in names), mesh_dim_names=names)
-            mesh["dp_replicate", "dp_shard"]._flatten("dp")
-            mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+            opts = self.group_options = _group_options(device_type, timeout_s)
+            override = {n: opts for n in names} if opts else None
+            shape = tuple(getattr(self, n) for n in names)
+            mesh = init_device_mesh(device_type, shape, mesh_dim_names=names, backend_override=override)
+            mesh["dp_replicate", "dp_shard"]._flatten("dp", backend_override=opts)
+            mesh["dp_shard", "cp"]._flatten("dp_shard_cp", backend_override=opts)
             self._mesh = mesh
         return self._mesh
 
@@ -129,3 +137,17 @@ class ParallelDims:
         if self._mesh is None:
             raise RuntimeError("ParallelDims.build_mesh() has not been called")
         return self._mesh
+
+
+def _group_options(device_type: str, timeout_s: float | None):
+    """(backend, options carrying the timeout) for DeviceMesh's backend_override; None keeps torch's defaults."""
+    if timeout_s is None:
+        return None
+    import torch.distributed as dist
+
+    if device_type == "cuda":
+        backend, opts = "nccl", dist.ProcessGroupNCCL.Options()
+    else:
+        backend, opts = "gloo", dist.ProcessGroupGloo._Options()
+    opts._timeout = timedelta(seconds=timeout_s)
+    return backend, opts

@@ -99,7 +99,7 @@ def _grad_norm(model: torch.nn.Module, max_norm: float) -> float:
 def setup_model(task, cfg: TrainConfig, dims: ParallelDims, ctx: DistContext) -> torch.nn.Module:
     model = task.build_model()
     if ctx.distributed:
-        dims.build_mesh(ctx.device.type)
+        dims.build_mesh(ctx.device.type, cfg.trainer.collective_timeout_s)
     opts = ParallelizeOptions(
         zero_stage=cfg.parallel.zero.stage, zero_engine=cfg.parallel.zero.engine, memory=cfg.memory
     )

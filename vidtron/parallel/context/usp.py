@@ -72,5 +72,7 @@ class USPAttention(nn.Module):
 def usp_groups(dims) -> tuple[object, object]:
     """(ulysses_group, ring_group) for this rank from a ParallelDims with a built mesh (`dims.build_mesh()`),
     splitting its cp dim into (ring, ulysses) with ulysses innermost, as the module doc assumes."""
-    mesh = dims.mesh._unflatten("cp", (dims.ring, dims.ulysses), ("ring", "ulysses"))
+    opts = dims.group_options  # the mesh's collective timeout, if it was built with one
+    override = {n: opts for n in ("ring", "ulysses")} if opts else None
+    mesh = dims.mesh._unflatten("cp", (dims.ring, dims.ulysses), ("ring", "ulysses"), backend_override=override)
     return mesh["ulysses"].get_group(), mesh["ring"].get_group()
