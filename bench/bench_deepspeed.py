@@ -12,7 +12,8 @@ dit-tiny (4 heads x 16) on generated 9 x 48 x 80 clips, batch 4, fp32, through t
 - per-rank parameter bytes (ZeRO-3: the rank's partitions) and AdamW bytes (fp32 master partition + two
   moments; FSDP2: the two moments of the DTensor shards, whose master is the parameter itself) over the single-
   rank total / 2.
-- median step time relative to FSDP2 dp_shard 2 in the same run (2 shared cores: a regression guard).
+- median step time relative to FSDP2 dp_shard 2 and to one process in the same run (2 shared cores: a
+  regression guard, not a speed-up claim).
 Writes `deepspeed.json`.
 """
 
@@ -23,13 +24,14 @@ import statistics
 import tempfile
 import time
 
+import torch
 import torch.distributed as dist
 
-from bench.bench_parallel import _local_bytes, bench_config, predicted_bytes
+from bench.bench_parallel import _local_bytes, bench_config, measure_layout, predicted_bytes
 from bench.common import write_result
 from vidtron.parallel import deepspeed_zero
 from vidtron.parallel.comm_accounting import CollectiveBytes
-from vidtron.platform.distributed import init_distributed
+from vidtron.platform.distributed import DistContext, init_distributed
 from vidtron.platform.trainer import build_dims, build_optimizer, setup_model
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo
 from vidtron.testing.multirank import run_ranks
@@ -118,7 +120,7 @@ def _ranks(data_root: str, steps: int) -> dict:
     return out
 
 
-def _report(name: str, got: dict, fsdp_time: float) -> dict:
+def _report(name: str, got: dict, fsdp_time: float, single_time: float) -> dict:
     P = got["P"]
     total = sum(got["bytes"].values())
     single_adam = 2 * P + (P if name.startswith("deepspeed") else 0)  # moments (+ the separate fp32 master)
@@ -131,6 +133,7 @@ def _report(name: str, got: dict, fsdp_time: float) -> dict:
         "adam_bytes_over_single_div_2": got["adam_bytes"] / (single_adam / 2),
         "step_time_s": got["step_time_s"],
         "step_time_vs_fsdp2": got["step_time_s"] / fsdp_time,
+        "step_time_vs_single": got["step_time_s"] / single_time,
     }
 
 
@@ -142,9 +145,17 @@ def run(out_dir=None, steps: int = 6) -> dict:
         args = ["synth", "--out", data_root, "--clips", "32", "--frames", "9", "--height", "48", "--width", "80"]
         data_main(args)
         results = run_ranks(_ranks, 2, (data_root, steps))[0]
+        single_cfg = bench_config(data_root, f"{tmp}/single", {}, steps)
+        single = measure_layout(single_cfg, DistContext(0, 1, 0, torch.device("cpu")))
     fsdp_time = results["fsdp2_zero3"]["step_time_s"]
-    engines = {name: _report(name, got, fsdp_time) for name, got in results.items()}
-    payload = {"model": "dit-tiny heads=4 head_dim=16", "world": 2, "steps": steps, "engines": engines}
+    engines = {name: _report(name, got, fsdp_time, single["step_time_s"]) for name, got in results.items()}
+    payload = {
+        "model": "dit-tiny heads=4 head_dim=16",
+        "world": 2,
+        "steps": steps,
+        "single_step_time_s": single["step_time_s"],
+        "engines": engines,
+    }
     write_result("deepspeed", payload, out_dir)
     return {n: {k: round(v, 3) for k, v in r.items() if isinstance(v, float)} for n, r in engines.items()}
 
