@@ -72,7 +72,11 @@ def test_two_processes_via_launcher(synth_data, tmp_path):
     assert len(two) == 4
     assert max(abs(x - y) for x, y in zip(two, single.losses)) < 1e-5
     manifest = json.loads((committed_checkpoints(tmp_path / "two")[-1] / "manifest.json").read_text())
-    assert manifest["layout"]["dp_shard"] == 2 and manifest["data"]["cursor"] == 4 * 8
+    assert manifest["layout"]["dp_shard"] == 2 and manifest["data"] == {
+        "cursor": 32,
+        "cursor_unit": "samples",
+        "global_batch": 8,
+    }
 
 
 def test_wandb_offline_run_is_written(synth_data, tmp_path, monkeypatch):

@@ -137,7 +137,7 @@ def maybe_resume(cfg: TrainConfig, model, optimizer, ctx: DistContext) -> TrainS
     return TrainState(step=manifest["step"], cursor=manifest["data"]["cursor"])
 
 
-def _checkpoint_meta(cfg: TrainConfig, dims: ParallelDims, state: TrainState) -> dict:
+def _checkpoint_meta(cfg: TrainConfig, dims: ParallelDims, state: TrainState, task) -> dict:
     return {
         "layout": {
             "name": dims.layout_name,
@@ -148,7 +148,18 @@ def _checkpoint_meta(cfg: TrainConfig, dims: ParallelDims, state: TrainState) ->
         },
         "config": to_dict(cfg),
         "config_hash": config_hash(cfg),
-        "data": {"cursor": state.cursor, "global_batch": cfg.data.batch_size},
+        "data": _data_position(cfg, state, task),
+    }
+
+
+def _data_position(cfg: TrainConfig, state: TrainState, task) -> dict:
+    """The manifest's data position: the cursor and its unit (a task's `cursor_unit`: samples of the global
+    stream, or global batches for bucketed streams, whose batch size varies by bucket)."""
+    unit = getattr(task, "cursor_unit", "samples")
+    return {
+        "cursor": state.cursor,
+        "cursor_unit": unit,
+        **({"global_batch": cfg.data.batch_size} if unit == "samples" else {}),
     }
 
 
@@ -186,7 +197,7 @@ def train(cfg: TrainConfig, task, ctx: DistContext) -> TrainState:
                 saver.wait()
                 _rollback(cfg, model, optimizer, state, ctx)
             elif (_checkpoint_due(cfg, state.step) and not state.bad_in_row) or state.step == end:
-                saver.save(state.step, model, optimizer, _checkpoint_meta(cfg, dims, state))
+                saver.save(state.step, model, optimizer, _checkpoint_meta(cfg, dims, state, task))
         saver.wait()
     except Exception as err:  # recorded for the restart history; the launcher restarts the group
         log_event(cfg.run_dir, "failure", rank=ctx.rank, step=state.step, error=f"{type(err).__name__}: {err}"[:500])

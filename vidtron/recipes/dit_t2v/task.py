@@ -132,6 +132,11 @@ class DiTTextToVideo:
             "global_tokens": lb.global_samples * self.stream.tokens(lb.bucket),
         }
 
+    @property
+    def cursor_unit(self) -> str:
+        """What the trainer's data cursor counts (the checkpoint manifest records it)."""
+        return "global_batches" if self.stream is not None else "samples"
+
     def next_cursor(self, cursor: int) -> int:
         """The data position after the global batch at `cursor`: + 1 batch (buckets) or + batch_size samples."""
         return cursor + (1 if self.stream is not None else self.cfg.data.batch_size)
