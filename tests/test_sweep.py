@@ -16,7 +16,8 @@ import pytest
 from vidtron.launch.sweep import main, parse_args
 from vidtron.platform.errors import ConfigError
 from vidtron.recipes.scaling import sweep
-from vidtron.recipes.scaling.sweep import SweepConfig, family, parse_budgets, run_sweep, smoothed_loss, to_curves
+from vidtron.recipes.scaling.grid import SweepConfig, family, parse_budgets
+from vidtron.recipes.scaling.sweep import run_sweep, smoothed_loss, to_curves
 
 SIZES = ["w16-d1", "w32-d1", "w32-d2"]
 # 384 video tokens a step (batch 8 x 3x4x4 tokens): budgets read at steps 1, 3, 5, 10; runs train 11 steps

@@ -19,7 +19,8 @@ import pytest
 from tests.slurm_cluster import SlurmCluster, missing_reason
 from vidtron.launch.sweep import parse_args
 from vidtron.recipes.scaling import sweep_launchers
-from vidtron.recipes.scaling.sweep import build_points, run_sweep
+from vidtron.recipes.scaling.grid import build_points
+from vidtron.recipes.scaling.sweep import run_sweep
 
 SIZES = ["w16-d1", "w32-d1"]
 # 384 video tokens a step: budgets read at steps 1, 2, 4; each run trains 5 steps

@@ -20,7 +20,8 @@ import sys
 
 from vidtron.launch.cli import user_errors
 from vidtron.platform.errors import ConfigError
-from vidtron.recipes.scaling.sweep import SweepConfig, run_sweep, say
+from vidtron.recipes.scaling.grid import SweepConfig
+from vidtron.recipes.scaling.sweep import run_sweep, say
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 

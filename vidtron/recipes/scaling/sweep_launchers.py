@@ -30,7 +30,8 @@ from pathlib import Path
 
 from vidtron.launch.slurm import ClusterConfig, load_cluster
 from vidtron.platform.errors import ConfigError
-from vidtron.recipes.scaling.sweep import Point, SweepConfig, finish_point, is_done, prepare_point, say, train_command
+from vidtron.recipes.scaling.grid import Point, SweepConfig
+from vidtron.recipes.scaling.sweep import finish_point, is_done, prepare_point, say, train_command
 from vidtron.recipes.scaling.sweep import train_env as _train_env
 
 POLL_S = 2.0  # seconds between squeue polls
