@@ -371,3 +371,18 @@ if __name__ == "__main__":  # the triton half of the tests; run with TRITON_INTE
         "kernel": kernel_api_errors("triton"),
     }
     print(json.dumps(results))
+
+
+def test_kernel_rejects_bad_shapes_with_what_it_expected():
+    """Wrong k / v / mask shapes fail with the expected shape before any kernel runs (Triton would read out of
+    bounds on a short v)."""
+    from vidtron.platform.errors import ConfigError
+
+    q, k, v = (x.view(1, 2, 4, 8, 8) for x in _qkv(1, 2, 32, 8, seed=2))  # [B, N, nb=4, bs=8, Dh]
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    with pytest.raises(ConfigError, match=r"v shape.*expected \[B, N, 4, 8, 8\]"):
+        block_sparse_attention(q, k, v[:, :, :3], mask, None, backend="torch")
+    with pytest.raises(ConfigError, match=r"mask shapes.*block_mask \(3, 4\).*\[1, 2, 4, 4\]"):
+        block_sparse_attention(q, k, v, mask[:3], None, backend="torch")
+    with pytest.raises(ConfigError, match=r"key_valid \(4, 7\).*key_valid to \[1, 4, 8\]"):
+        block_sparse_attention(q, k, v, mask, torch.ones(4, 7, dtype=torch.bool), backend="torch")

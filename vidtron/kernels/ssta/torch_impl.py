@@ -32,17 +32,31 @@ GATHER_BUDGET = 1 << 24  # elements of gathered K (and again of V) per chunk: 64
 
 
 def _expand_inputs(
-    q: torch.Tensor, k: torch.Tensor, block_mask: torch.Tensor, key_valid: torch.Tensor | None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_mask: torch.Tensor,
+    key_valid: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Broadcast block_mask to [B, N, nb_q, nb_k] and key_valid to [B, nb_k, bs] (bool)."""
+    """Check every shape (the Triton kernel would read out of bounds on a wrong one), then broadcast block_mask to
+    [B, N, nb_q, nb_k] and key_valid to [B, nb_k, bs] (bool)."""
     B, N, nb_q, bs, Dh = q.shape
     nb_k = k.shape[2]
-    if k.shape != (B, N, nb_k, bs, Dh):
-        raise ConfigError("block_sparse_attention k shape", tuple(k.shape), f"expected [B, N, nb_k, {bs}, {Dh}]")
-    mask = block_mask.to(device=q.device, dtype=torch.bool).expand(B, N, nb_q, nb_k)
+    for name, t in (("k", k), ("v", v)):
+        if t.shape != (B, N, nb_k, bs, Dh):
+            raise ConfigError(
+                f"block_sparse_attention {name} shape", tuple(t.shape), f"expected [B, N, {nb_k}, {bs}, {Dh}]"
+            )
     if key_valid is None:
         key_valid = torch.ones(nb_k, bs, dtype=torch.bool, device=q.device)
-    return mask, key_valid.to(device=q.device, dtype=torch.bool).expand(B, nb_k, bs)
+    try:
+        mask = block_mask.to(device=q.device, dtype=torch.bool).expand(B, N, nb_q, nb_k)
+        valid = key_valid.to(device=q.device, dtype=torch.bool).expand(B, nb_k, bs)
+    except RuntimeError as err:
+        shapes = f"block_mask {tuple(block_mask.shape)}, key_valid {tuple(key_valid.shape)}"
+        want = f"block_mask broadcastable to [{B}, {N}, {nb_q}, {nb_k}], key_valid to [{B}, {nb_k}, {bs}]"
+        raise ConfigError("block_sparse_attention mask shapes", shapes, want) from err
+    return mask, valid
 
 
 def _flat_rows(mask_BNqk: torch.Tensor, nb_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,7 +107,7 @@ def block_sparse_attention_torch(
     """
     B, N, nb_q, bs, Dh = q_blocks.shape
     nb_k = k_blocks.shape[2]
-    mask_BNqk, valid_Bkbs = _expand_inputs(q_blocks, k_blocks, block_mask, key_valid)
+    mask_BNqk, valid_Bkbs = _expand_inputs(q_blocks, k_blocks, v_blocks, block_mask, key_valid)
     kv_idx_RK, valid_idx_RK, count_R = _flat_rows(mask_BNqk, nb_k)
     q_R = q_blocks.reshape(-1, bs, Dh)  # [R, bs, Dh], R = B*N*nb_q
     k_flat, v_flat = k_blocks.reshape(-1, bs, Dh), v_blocks.reshape(-1, bs, Dh)  # [B*N*nb_k, bs, Dh]

@@ -130,7 +130,7 @@ def block_sparse_attention_triton(
     _check_device(q_blocks)
     B, N, nb_q, bs, Dh = q_blocks.shape
     nb_k = k_blocks.shape[2]
-    mask_BNqk, valid_Bkbs = _expand_inputs(q_blocks, k_blocks, block_mask, key_valid)
+    mask_BNqk, valid_Bkbs = _expand_inputs(q_blocks, k_blocks, v_blocks, block_mask, key_valid)
     idx_BNqK, count_BNq = kept_block_indices(mask_BNqk)
     if idx_BNqK.shape[-1] == 0:  # nothing kept anywhere: keep one (never read) slot for a valid pointer
         idx_BNqK = torch.zeros(B, N, nb_q, 1, dtype=torch.long, device=q_blocks.device)
