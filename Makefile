@@ -35,7 +35,7 @@ demo: $(VENV)/.installed
 
 # Train a tiny causal VAE on generated clips for a bounded time and report held-out PSNR / SSIM.
 vae-demo: $(VENV)/.installed
-	$(BIN)/python -m vidtron.launch.vae_demo --out demo_vae --minutes 5
+	$(BIN)/python -m vidtron.launch.vae_demo --out demo_vae --minutes 8
 
 SWEEP_OUT ?= sweep_out
 # A real small scaling sweep (5 sizes x 12 budgets) on generated data; ~15-30 min on 2 cores.

@@ -128,6 +128,18 @@ def _terms_at(step: int, disc_start: int) -> dict:
     return objective.generator_terms(gan.disc, video, recon, mean, logvar, step, gan.last_layer)
 
 
+def test_the_mse_term_adds_to_l1_only_when_weighted():
+    video, recon = torch.rand(2, 3, 5, 16, 16), torch.rand(2, 3, 5, 16, 16)
+    off = VAEObjective(_recipe(), lpips=None).nll(video, recon)
+    on = VAEObjective(_recipe(l2_weight=0.5), lpips=None).nll(video, recon)
+    mse = (video - recon).pow(2).mean()
+    torch.testing.assert_close(off["nll"], (video - recon).abs().mean())
+    torch.testing.assert_close(on["l2"], mse)
+    torch.testing.assert_close(on["nll"], off["nll"] + 0.5 * mse)
+    with pytest.raises(ConfigError, match="vae.l2_weight"):
+        _recipe(l2_weight=-1.0)
+
+
 def test_adversarial_term_is_zero_until_the_start_step():
     before, after = _terms_at(step=3, disc_start=3), _terms_at(step=4, disc_start=3)
     for terms in (before, after):

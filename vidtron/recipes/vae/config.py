@@ -1,7 +1,7 @@
 """VAERecipeConfig: the `vae:` section of `vidtron-train recipe=vae` (losses, discriminator, curriculum, tiling).
 
-Loss = l1_weight * L1 + lpips_weight * LPIPS + adv_weight * lambda_adapt * hinge-G (after disc_start steps)
-       + kl_weight * KL, with HunyuanVideo's weights 1, 0.1, 0.05, 1e-6 as defaults.
+Loss = l1_weight * L1 + l2_weight * MSE + lpips_weight * LPIPS + adv_weight * lambda_adapt * hinge-G (after disc_start steps)
+       + kl_weight * KL, with HunyuanVideo's weights 1, 0, 0.1, 0.05, 1e-6 as defaults.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ class VAERecipeConfig:
     flavor: str = "vae-tiny"  # a name from vidtron.models.vae.configs.FLAVORS
     # ---- loss weights (HunyuanVideo: L1 + 0.1 LPIPS + 0.05 adversarial + 1e-6 KL) ----
     l1_weight: float = 1.0  # pixel L1
+    l2_weight: float = 0.0  # pixel MSE; off by default (HunyuanVideo: L1 only). Without LPIPS, L1 alone stalls at
+    # the per-pixel median (the background) on sparse content, so short runs (`make vae-demo`) add it
     lpips_weight: float = 0.1  # perceptual term; needs lpips_path, else it is off (one warning)
     adv_weight: float = 0.05  # hinge generator term, times the VQGAN adaptive weight
     kl_weight: float = 1e-6  # KL(q(z|x) || N(0, I)), summed over latent dims, mean over the batch
@@ -65,7 +67,7 @@ class VAERecipeConfig:
     tile_overlap: float = 0.25  # fraction of a tile shared with its neighbour
 
     def __post_init__(self) -> None:
-        for name in ("l1_weight", "lpips_weight", "adv_weight", "kl_weight"):
+        for name in ("l1_weight", "l2_weight", "lpips_weight", "adv_weight", "kl_weight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"vae.{name}", getattr(self, name), "must be >= 0 (0 turns the term off)")
         for name, lo in (("disc_start", 0), ("disc_channels", 1), ("disc_layers", 1), ("lpips_frames", 0)):

@@ -1,7 +1,8 @@
 """The VAE objective: L1 + LPIPS + adaptive-weighted hinge adversarial + KL, and the discriminator's hinge loss.
 
 Generator side (VQGAN / LDM's LPIPSWithDiscriminator, with HunyuanVideo's weights):
-    nll   = l1_weight * |x - x_hat| + lpips_weight * LPIPS(x, x_hat)           (means over pixels / frames)
+    nll   = l1_weight * |x - x_hat| + l2_weight * (x - x_hat)^2 + lpips_weight * LPIPS(x, x_hat)
+            (means over pixels / frames; l2_weight is 0 unless configured: HunyuanVideo uses L1)
     G     = -mean D(x_hat)                                                     (hinge generator loss)
     lam   = ||d nll / d w_last|| / (||d G / d w_last|| + 1e-4), clamped to [0, max], no gradient
     loss  = nll + adv_weight * lam * G * [step > disc_start] + kl_weight * KL   (KL summed over latents, batch mean)
@@ -85,13 +86,15 @@ class VAEObjective:
         return self
 
     def nll(self, video: torch.Tensor, recon: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Reconstruction terms: {"l1", "lpips", "nll"} (lpips is 0 when off)."""
-        l1 = (video - recon).abs().mean()
+        """Reconstruction terms: {"l1", "l2", "lpips", "nll"} (lpips is 0 when off)."""
+        diff = video - recon
+        l1, l2 = diff.abs().mean(), diff.pow(2).mean()
         if self.lpips is not None and self.cfg.lpips_weight > 0:
             lp = lpips_frames(self.lpips, video, recon, self.cfg.lpips_frames)
         else:
             lp = l1.new_zeros(())
-        return {"l1": l1, "lpips": lp, "nll": self.cfg.l1_weight * l1 + self.cfg.lpips_weight * lp}
+        nll = self.cfg.l1_weight * l1 + self.cfg.l2_weight * l2 + self.cfg.lpips_weight * lp
+        return {"l1": l1, "l2": l2, "lpips": lp, "nll": nll}
 
     def generator_terms(
         self,
