@@ -93,7 +93,7 @@ def _measure(cfg, ctx) -> dict:
     params, adam = _state_bytes(model, optimizer)
     return {
         "P": single_param_bytes,
-        "analytic": _analytic_bytes(task, cfg, dims),
+        "analytic": _analytic_bytes(task, cfg, dims, single_param_bytes),
         "bytes": dict(counter.bytes),
         "param_bytes": params,
         "adam_bytes": adam,
@@ -101,10 +101,10 @@ def _measure(cfg, ctx) -> dict:
     }
 
 
-def _analytic_bytes(task, cfg, dims) -> float:
-    """Payload bytes of one step. FSDP2: comm_accounting's model (validated at 1.000 by bench_parallel; the root
-    keeps its parameters after forward, so a bit under 3P). DeepSpeed: 2P for stages 1-2, 3P for stage 3."""
-    P = sum(p.numel() * 4 for p in task.build_model().parameters())
+def _analytic_bytes(task, cfg, dims, P: int) -> float:
+    """Payload bytes of one step (P: fp32 parameter bytes). FSDP2: comm_accounting's model (validated at 1.000 by
+    bench_parallel; the root keeps its parameters after forward, so a bit under 3P). DeepSpeed: 2P for stages 1-2,
+    3P for stage 3."""
     if cfg.parallel.zero.engine == "deepspeed":
         return (3 if cfg.parallel.zero.stage == 3 else 2) * P
     return float(sum(predicted_bytes(task, cfg, dims).values()))

@@ -45,8 +45,8 @@ def test_vae_recipe_resumes_exactly_with_its_discriminator(long_clips, tmp_path)
 
 def test_the_recipe_step_learns_to_reconstruct_its_clips(tmp_path):
     """150 recipe steps (L1 + MSE, posterior sampled, KL on, critic off) on the first frames of four 64x64 clips
-    reconstruct them >= 2.5 dB better than each frame's mean colour (measured +3.9 dB; L1 alone: +1.1 dB, it stays at the
-    background longer: vae_demo's docstring). 1-frame 64x64 steps keep the test at ~15 s."""
+    reconstruct them >= 2.5 dB better than each frame's mean colour (measured +3.9 dB; L1 alone: +1.1 dB, as it
+    stays at the background longer: vae_demo's docstring). 1-frame 64x64 steps keep the test at ~15 s."""
     data = _synth(tmp_path / "clips", clips=4, frames=5, size=64)
     recipe = VAERecipeConfig(l2_weight=1.0, adv_weight=0.0, stages=[CurriculumStage(0, 1, 64, 64)])
     with warnings.catch_warnings():

@@ -31,12 +31,11 @@ from vidtron.platform.export import (
     DTYPES,
     ExportReport,
     check_checkpoint,
-    check_format,
     check_output,
     export_checkpoint,
     parse_size,
 )
-from vidtron.platform.export_models import ALL_FORMATS, export_model
+from vidtron.platform.export_models import ALL_FORMATS
 from vidtron.recipes.dit_t2v.task import dit_config
 
 
@@ -82,7 +81,6 @@ def run_export(a: argparse.Namespace) -> ExportReport:
     check_checkpoint(ckpt)
     check_output(out)
     cfg = checkpoint_config(ckpt)
-    check_format(a.format, export_model(cfg))
     return export_checkpoint(ckpt, a.format, out, cfg, max_bytes, DTYPES[a.dtype], check_files=not a.no_verify)
 
 

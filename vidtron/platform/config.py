@@ -182,9 +182,9 @@ class ZeroConfig:
             raise ConfigError("parallel.zero.engine", self.engine, "choose 'fsdp2' or 'deepspeed'")
         if self.stage not in (1, 2, 3):
             raise ConfigError("parallel.zero.stage", self.stage, "choose 1, 2 or 3")
-        for name in ("ds_persist_below", "ds_bucket_elements"):
-            if getattr(self, name) < (0 if name == "ds_persist_below" else 1):
-                raise ConfigError(f"parallel.zero.{name}", getattr(self, name), "must be a positive element count")
+        for name, lo in (("ds_persist_below", 0), ("ds_bucket_elements", 1)):
+            if getattr(self, name) < lo:
+                raise ConfigError(f"parallel.zero.{name}", getattr(self, name), f"must be an element count >= {lo}")
 
 
 @dataclass
@@ -322,5 +322,6 @@ class TrainConfig:
             raise ConfigError(
                 "parallel.zero.engine",
                 "deepspeed",
-                "recipe=vae trains two optimizers (VAE and discriminator), which the deepspeed engine does not; use fsdp2",
+                "recipe=vae trains two optimizers (VAE and discriminator), which the deepspeed engine does not; "
+                "use parallel.zero.engine=fsdp2 (ZeRO-2/3 via parallel.zero.stage)",
             )

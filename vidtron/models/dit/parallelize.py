@@ -5,12 +5,12 @@
 2. context parallel   every block's `attn_core` becomes ring / Ulysses / USP (or stays dense), wrapped to drop SP
                       padding; hooks shard video (+ RoPE) over cp and both streams over tp before the first block
                       and gather the video before the final layer (vidtron/parallel/context_wrap.py)
-3. recompute/offload  (activation memory policies; not yet)
+3. recompute/offload  activation recompute (full / selective), then layer-wise offload (vidtron/parallel/offload.py)
 4. torch.compile      (not yet)
-5. FSDP2 per block, then the root (skipped for parallel.zero.engine=deepspeed: the trainer hands the model to
-   DeepSpeed ZeRO instead, vidtron/parallel/deepspeed_zero.py) (ZeRO-3 by default; ZeRO-2 keeps params after forward; HSDP with
-   dp_replicate > 1). Parameters are sharded over dp_shard x cp (CP ranks hold the same parameters); with tp > 1
-   FSDP2 shards the TP DTensors on the 2D (dp_shard_cp, tp) mesh.
+5. FSDP2 per block, then the root (ZeRO-3 by default; ZeRO-2 keeps params after forward; HSDP with
+   dp_replicate > 1); skipped for parallel.zero.engine=deepspeed, where the trainer hands the model to DeepSpeed
+   ZeRO instead (vidtron/parallel/deepspeed_zero.py). Parameters are sharded over dp_shard x cp (CP ranks hold
+   the same parameters); with tp > 1 FSDP2 shards the TP DTensors on the 2D (dp_shard_cp, tp) mesh.
 
 Gradients: FSDP averages over dp_replicate x dp_shard x cp. CP ranks each compute the full loss of their data-
 parallel group and the CP backward makes their gradients sum to cp x the gradient (context_wrap.py), so the average

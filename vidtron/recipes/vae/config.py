@@ -1,7 +1,8 @@
 """VAERecipeConfig: the `vae:` section of `vidtron-train recipe=vae` (losses, discriminator, curriculum, tiling).
 
-Loss = l1_weight * L1 + l2_weight * MSE + lpips_weight * LPIPS + adv_weight * lambda_adapt * hinge-G (after disc_start steps)
-       + kl_weight * KL, with HunyuanVideo's weights 1, 0, 0.1, 0.05, 1e-6 as defaults.
+Loss = l1_weight * L1 + l2_weight * MSE + lpips_weight * LPIPS
+       + adv_weight * lambda_adapt * hinge-G (after disc_start steps) + kl_weight * KL,
+with HunyuanVideo's weights 1, 0, 0.1, 0.05, 1e-6 as defaults (MSE off: HunyuanVideo uses L1).
 """
 
 from __future__ import annotations

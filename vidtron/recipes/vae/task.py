@@ -18,7 +18,7 @@ import torch
 from vidtron.models.dit.parallelize import ParallelizeOptions
 from vidtron.models.vae import FLAVORS
 from vidtron.parallel.dims import ParallelDims
-from vidtron.platform.config import DataConfig, OptimConfig, ParallelConfig
+from vidtron.platform.config import DataConfig, OptimConfig
 from vidtron.platform.data.sampler import GlobalSampler
 from vidtron.platform.errors import ConfigError
 from vidtron.recipes.vae.config import VAERecipeConfig
@@ -46,16 +46,6 @@ def validate_layout(dims: ParallelDims) -> None:
             )
 
 
-def validate_parallel(p: ParallelConfig) -> None:
-    """The parallel settings recipe=vae supports beyond the layout: ZeRO through FSDP2 only."""
-    if p.zero.engine != "fsdp2":
-        raise ConfigError(
-            "parallel.zero.engine",
-            p.zero.engine,
-            "recipe=vae shards with FSDP2 only; use parallel.zero.engine=fsdp2 (ZeRO-2/3 via parallel.zero.stage)",
-        )
-
-
 class VAETask:
     """The `vae` task: a causal 3D VAE learning to reconstruct clips and images against a 3D PatchGAN critic."""
 
@@ -75,8 +65,8 @@ class VAETask:
 
     @classmethod
     def from_train_config(cls, cfg) -> VAETask:
-        """From a TrainConfig with a `vae` section (cfg.vae, cfg.data, cfg.optim, cfg.seed)."""
-        validate_parallel(cfg.parallel)
+        """From a TrainConfig with a `vae` section (cfg.vae, cfg.data, cfg.optim, cfg.seed; TrainConfig has already
+        refused parallel.zero.engine=deepspeed for recipe=vae)."""
         return cls(cfg.vae, cfg.data, cfg.optim, cfg.seed)
 
     def _ensure_disc_fits(self) -> None:
