@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 1
 export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 
-.PHONY: venv install test test-slow demo vae-demo sweep-demo bench lint format clean
+.PHONY: venv install test test-slow test-gpu demo vae-demo sweep-demo bench lint format clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found; install Python 3.11 or run make PY=python3"; exit 2; }
@@ -29,6 +29,12 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow tests
+
+# On a CUDA machine (a CUDA build of the pinned torch in .venv): every gpu-marked test, then a short GPU bench
+# (bench/results/gpu.json, under 8 min). Without CUDA the tests skip and the bench says so; both exit 0.
+test-gpu: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m gpu tests
+	$(BIN)/python -m bench.gpu_check
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m vidtron.launch.demo --out demo_out

@@ -21,7 +21,6 @@ import torch
 
 from bench.common import write_result
 from vidtron.launch.data import main as data_main
-from vidtron.platform.compose import compose_config
 from vidtron.platform.config import BucketConfig, DataConfig
 from vidtron.platform.data.latents import load_latent_sample, to_model_input
 from vidtron.platform.data.loader import BucketLoader
@@ -30,6 +29,7 @@ from vidtron.platform.metrics import read_metrics
 from vidtron.platform.trainer import train
 from vidtron.recipes.dit_t2v.stream import build_latent_encoder
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo
+from vidtron.recipes.registry import compose_config
 
 BUCKETS = [(17, 64, 64, 4), (9, 64, 64, 8), (9, 48, 80, 8)]
 CLIPS, TRAIN_STEPS = 96, 30

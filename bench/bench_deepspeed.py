@@ -30,11 +30,11 @@ import torch.distributed as dist
 from bench.bench_parallel import _local_bytes, bench_config, measure_layout, predicted_bytes
 from bench.common import write_result
 from vidtron.parallel import deepspeed_zero
-from vidtron.parallel.comm_accounting import CollectiveBytes
 from vidtron.platform.distributed import DistContext, init_distributed
 from vidtron.platform.trainer import build_dims, build_optimizer, setup_model
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo
 from vidtron.testing.multirank import run_ranks
+from vidtron.tools.comm_accounting import CollectiveBytes
 
 ENGINES = {  # name -> ParallelConfig fields
     "fsdp2_zero3": dict(dp_shard=2),

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 from bench.common import RESULTS, write_result
-from vidtron.launch.plan import Hardware, collapse, plan
 from vidtron.models.dit import DiT
-from vidtron.parallel.memory_accounting import measure_step, synthetic_batch
-from vidtron.parallel.memory_model import GIB, Layout, Policy, Workload, activation_bytes, estimate, latent_grid
-from vidtron.parallel.offload import apply_activation_memory, apply_offload
-from vidtron.recipes.dit_t2v.task import dit_config
+from vidtron.models.dit.configs import dit_config
+from vidtron.models.dit.sharding import apply_activation_memory, apply_offload
 from vidtron.testing.multirank import run_ranks
+from vidtron.tools.memory_accounting import measure_step, synthetic_batch
+from vidtron.tools.memory_model import GIB, Layout, Policy, Workload, activation_bytes, estimate, latent_grid
+from vidtron.tools.planner import Hardware, collapse, plan
 
 POLICIES = {
     "none": Policy(),

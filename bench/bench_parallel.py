@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 
 from vidtron.models.dit import DiT
-from vidtron.parallel.comm_accounting import KINDS, CollectiveBytes, Workload, analytic_bytes
 from vidtron.platform.config import (
     DataConfig,
     MetricsConfig,
@@ -39,8 +38,10 @@ from vidtron.platform.config import (
 )
 from vidtron.platform.distributed import DistContext, init_distributed
 from vidtron.platform.trainer import build_dims, build_optimizer, setup_model
+from vidtron.recipes.dit_t2v.config import DiTTrainConfig
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo
 from vidtron.testing.multirank import run_ranks
+from vidtron.tools.comm_accounting import KINDS, CollectiveBytes, Workload, analytic_bytes
 
 LAYOUTS: dict[int, dict[str, dict]] = {  # world -> name -> ParallelConfig fields
     2: {
@@ -61,7 +62,7 @@ LAYOUTS: dict[int, dict[str, dict]] = {  # world -> name -> ParallelConfig field
 
 
 def bench_config(data_root: str, run_dir: str, parallel: dict, steps: int) -> TrainConfig:
-    return TrainConfig(
+    return DiTTrainConfig(
         run_dir=run_dir,
         model=ModelConfig(flavor="dit-tiny", num_heads=4, head_dim=16),
         data=DataConfig(root=data_root, frames=9, height=48, width=80, batch_size=4),

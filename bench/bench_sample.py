@@ -38,9 +38,7 @@ def _time_sampling(ckpt: Path, tp: int, cp: int, cp_mode: str) -> float:
     dims.build_mesh("cpu")
     model, cfg = load_for_sampling(ckpt, dims)
     dcfg, tcfg = model.config, cfg["text"]
-    enc = build_text_encoder(
-        tcfg["encoder"], dcfg.text_dim, dcfg.pooled_dim, tcfg["max_tokens"], tcfg["llm_path"], tcfg["clip_path"]
-    )
+    enc = build_text_encoder(tcfg, dcfg.text_dim, dcfg.pooled_dim)
     text, uncond = enc.encode(PROMPTS), enc.encode([""])
     shape, opts = latent_shape_for(dcfg, clip_shape(cfg, *CLIP)), SampleOptions(steps=STEPS, cfg_scale=5.0)
     times = []

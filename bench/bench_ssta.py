@@ -8,6 +8,14 @@ time of dense SDPA with the text key-padding mask (as the DiT's dense core runs 
 SDPA is slower with a mask), of SSTA with and without the mask build, and the speed-ups.
 Writes bench/results/ssta.json.
 
+    python -m bench.bench_ssta --sample [--sample-canvas 18x48x48 --sample-blocks 1,1 --text 64]
+
+The `sample` section times what `vidtron-sample --attention ssta` runs: one forward of a DiT with dit-tiny widths
+(2 heads x 32) on a latent token canvas, its blocks' attention dense (the default core) vs SSTA at the paper's
+settings (the same weights, `parallelize_dit` with ParallelizeOptions(attention="ssta")), whole calls, no row
+subsets. It reports the SSTA sparsity the model's own q / k give, both times, the speed-up and the relative
+difference of the two predictions. Writes bench/results/ssta_sample.json.
+
 To keep each canvas to a few seconds on a CPU, attention is timed on an evenly spaced subset of the query rows
 (dense: tokens; SSTA: video query blocks, text query blocks in full) against all keys, and scaled up by the
 number of rows: both costs are linear in the query rows. `query_fraction` in the JSON says how much was timed
@@ -19,6 +27,7 @@ Shape legend: B batch (1), N heads, L tokens, Dh head dim, nv video tiles, nb bl
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -42,6 +51,13 @@ def _best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
+
+
+def _timed(fn):
+    """(fn(), seconds it took)."""
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
 
 
 def _evenly(n: int, m: int) -> torch.Tensor:
@@ -155,6 +171,77 @@ def _print_table(res: dict) -> None:
         print(f"{str(tuple(r['canvas'])):>14} " + " ".join(f"{r[key]:>8{fmt}}" for _, key, fmt in TABLE))
 
 
+def _dit(blocks: tuple[int, int]):
+    """A random DiT with dit-tiny widths and `blocks` = (dual, single) blocks, in eval mode."""
+    from vidtron.models.dit import DiT
+    from vidtron.models.dit.configs import dit_config
+
+    cfg = dit_config("dit-tiny", {"num_double_blocks": blocks[0], "num_single_blocks": blocks[1]})
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = DiT(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    with torch.no_grad():  # off the zero init of the output layers, so the prediction (and any error) is not zero
+        for param in model.parameters():
+            param.add_(0.02 * torch.randn_like(param))
+    return model.eval()
+
+
+def bench_sample(canvas=(18, 48, 48), blocks=(1, 1), text_len: int = 64, repeats: int = 1) -> dict:
+    """One DiT forward on a latent token canvas (T, H, W): dense attention vs SSTA at the paper's settings."""
+    from vidtron.models.dit.parallelize import parallelize_dit
+    from vidtron.parallel.dims import ParallelDims
+    from vidtron.parallel.options import ParallelizeOptions
+
+    dense = _dit(blocks)
+    sparse = _dit(blocks)
+    sparse.load_state_dict(dense.state_dict())
+    parallelize_dit(sparse, ParallelDims(), ParallelizeOptions(inference=True, attention="ssta"))
+    cfg, g = dense.config, torch.Generator().manual_seed(0)
+    pt, p, _ = cfg.patch
+    latents = torch.randn(1, cfg.in_channels, canvas[0] * pt, canvas[1] * p, canvas[2] * p, generator=g)
+    text = torch.randn(1, text_len, cfg.text_dim, generator=g)
+    text_mask = torch.arange(text_len)[None] < text_len * 3 // 4  # a quarter of the text is padding
+    args = (latents, torch.tensor([500.0]), text, text_mask, torch.randn(1, cfg.pooled_dim, generator=g))
+    with torch.no_grad():
+        out_dense, dense_s = _timed(lambda: dense(*args))  # the first call counts: no compile, no warm-up to hide
+        out_sparse, ssta_s = _timed(lambda: sparse(*args))
+        dense_s = min(dense_s, _best_of(lambda: dense(*args), repeats - 1)) if repeats > 1 else dense_s
+        ssta_s = min(ssta_s, _best_of(lambda: sparse(*args), repeats - 1)) if repeats > 1 else ssta_s
+    core = sparse.double_blocks[0].attn_core if cfg.num_double_blocks else sparse.single_blocks[0].attn_core
+    tile, window, topk = core.opts.resolve(core.canvas)
+    rel = ((out_sparse - out_dense).norm() / out_dense.norm()).item()
+    return {
+        "canvas": list(canvas),
+        "tokens": math.prod(canvas) + text_len,
+        "tile": list(tile),
+        "window": list(window),
+        "topk": topk,
+        "lam": core.opts.lam,
+        "blocks": list(blocks),
+        "heads": cfg.num_heads,
+        "head_dim": cfg.head_dim,
+        "sparsity_last_block": 1.0 - core.last_density.item(),
+        "dense_forward_s": dense_s,
+        "ssta_forward_s": ssta_s,
+        "speedup": dense_s / ssta_s,
+        "relative_diff_vs_dense": rel,
+    }
+
+
+def run_sample(out_dir: str | Path = RESULTS, canvases=((18, 48, 48),), blocks=(1, 1), text_len=64, repeats=1):
+    """`bench_sample` for every canvas; writes `out_dir/ssta_sample.json` and returns the numbers."""
+    rows = [bench_sample(c, blocks, text_len, repeats) for c in canvases]
+    result = {
+        "what": "one DiT forward (dit-tiny widths), dense attention vs SSTA core, seconds, best of `repeats`; batch 1",
+        "torch": {"version": torch.__version__, "threads": torch.get_num_threads()},
+        "canvases": rows,
+    }
+    write_result("ssta_sample", result, out_dir)
+    return result
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(RESULTS))
@@ -163,7 +250,17 @@ def main() -> None:
     p.add_argument("--text", type=int, default=256)
     p.add_argument("--max-query-tokens", type=int, default=4096)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--sample", action="store_true", help="time DiT forwards (dense vs SSTA core) instead")
+    p.add_argument("--sample-canvas", default="18x48x48", help="latent token canvases TxHxW, comma-separated")
+    p.add_argument("--sample-blocks", default="1,1", help="dual,single blocks of the sample DiT")
     a = p.parse_args()
+    if a.sample:
+        canvases = [tuple(int(v) for v in c.split("x")) for c in a.sample_canvas.split(",")]
+        blocks = tuple(int(v) for v in a.sample_blocks.split(","))
+        res = run_sample(a.out, canvases, blocks, a.text, a.repeats)
+        for r in res["canvases"]:
+            print(json.dumps(r))
+        return
     res = run(a.out, CANVASES, a.heads, a.head_dim, a.text, a.max_query_tokens, a.repeats)
     _print_table(res)
 

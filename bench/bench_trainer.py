@@ -17,18 +17,18 @@ import torch
 
 from bench.common import write_result
 from vidtron.launch.data import main as data_main
-from vidtron.platform.compose import compose_config
 from vidtron.platform.distributed import init_distributed
 from vidtron.platform.metrics import read_metrics
 from vidtron.platform.trainer import build_optimizer, train
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo
+from vidtron.recipes.registry import compose_config
 
 STEPS = 60
 
 
 def _bare_loop(task: DiTTextToVideo, steps: int) -> list[float]:
     """forward + loss + backward + AdamW on pre-built batches: nothing else."""
-    model = task.build_model()
+    model = task.materialize(task.build_model(), torch.device("cpu"))  # build_model gives meta tensors
     opt = build_optimizer(model, task.cfg.optim)
     batches = [task.local_batch(s, (s - 1) * task.cfg.data.batch_size, 0, 1) for s in range(1, steps + 1)]
     times = []

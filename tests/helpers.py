@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from vidtron.parallel.deepspeed_zero import full_parameters, is_engine
-from vidtron.platform.compose import compose_config
 from vidtron.platform.distributed import init_distributed
 from vidtron.platform.trainer import train
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo
+from vidtron.recipes.registry import compose_config
 
 
 def run_training(data_root, run_dir, *overrides: str):

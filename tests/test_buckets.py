@@ -10,11 +10,11 @@ from collections import Counter
 
 import pytest
 
+from vidtron.errors import ConfigError
 from vidtron.platform.config import BucketConfig, DataConfig
 from vidtron.platform.data.buckets import Bucket, assign_bucket, resolve_buckets
 from vidtron.platform.data.index import write_tar
 from vidtron.platform.data.loader import BucketLoader
-from vidtron.platform.errors import ConfigError
 from vidtron.testing.multirank import run_ranks
 
 SHAPES = [(17, 64, 64), (9, 64, 64), (9, 48, 80), (5, 48, 80), (13, 80, 48), (1, 64, 64), (3, 64, 64)]

@@ -7,13 +7,13 @@ import hashlib
 import pytest
 import torch
 
+from vidtron.errors import ConfigError
 from vidtron.launch.data import main as data_main
 from vidtron.models.text import ByteTextEncoder
 from vidtron.models.vae.patch_pca import PatchPCAAutoencoder
 from vidtron.platform.data.sampler import GlobalSampler
 from vidtron.platform.data.shards import read_clips
 from vidtron.platform.data.synth import COLOURS, DIRECTIONS, SHAPES, clip_spec, render_clip
-from vidtron.platform.errors import ConfigError
 from vidtron.recipes.dit_t2v.data import load_autoencoder, videos_to_tensor
 
 

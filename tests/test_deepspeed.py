@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from tests.test_parallel_parity import TOL, _check, _leg, _max_param_diff, _train, check_continuation, config
+from vidtron.errors import ConfigError
 from vidtron.platform.checkpoint import committed_checkpoints, load_model_weights
-from vidtron.platform.compose import compose_config
 from vidtron.platform.distributed import DistContext, init_distributed
-from vidtron.platform.errors import ConfigError
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo
+from vidtron.recipes.registry import compose_config
 from vidtron.testing.multirank import run_ranks
 
 DS = ["parallel.zero.engine=deepspeed"]
@@ -47,6 +47,7 @@ LAYOUTS = {
         "faults.nan_steps=2",
         "trainer.max_bad_steps=2",
         "trainer.checkpoint_every=2",
+        "trainer.skip_bad_batches=false",  # a transient fault: replay the same batches
     ],
 }
 WORLD4 = {  # make test-slow
@@ -137,7 +138,7 @@ def test_deepspeed_checkpoint_loads_as_plain_weights(world2, reference, pad_data
     _, tmp = world2
     path = committed_checkpoints(f"{tmp}/ds_zero3_dp2")[-1]
     task = DiTTextToVideo(config(pad_data, f"{tmp}/plain"))
-    model = task.build_model()
+    model = task.materialize(task.build_model(), torch.device("cpu"))  # build_model gives meta tensors
     load_model_weights(path, model)
     got = {n: p.detach() for n, p in model.named_parameters()}
     assert _max_param_diff(got, reference["params"]) <= TOL
@@ -150,7 +151,7 @@ def test_deepspeed_layout_errors_name_the_field_and_the_fix(monkeypatch):
         compose_config([*DS, "parallel.dp_replicate=2"])
     with pytest.raises(ConfigError, match=r"parallel\.zero\.engine='fsdp3'.*'deepspeed'"):
         compose_config(["parallel.zero.engine=fsdp3"])
-    with pytest.raises(ConfigError, match=r"recipe=vae trains two optimizers"):
+    with pytest.raises(ConfigError, match=r"recipe=vae .*trains two optimizers"):
         compose_config([*DS, "recipe=vae"])
     from vidtron.parallel import deepspeed_zero
 

@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 
+from vidtron.errors import ConfigError
 from vidtron.kernels.attention import DenseAttention
 from vidtron.models.dit import FLAVORS, DiT, DiTConfig
 from vidtron.models.dit.configs import from_diffusers_config, to_diffusers_config
 from vidtron.models.dit.state_dict_adapter import from_diffusers, to_diffusers
-from vidtron.platform.errors import ConfigError
 
 diffusers = pytest.importorskip("diffusers")
 

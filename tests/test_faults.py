@@ -19,13 +19,13 @@ import pytest
 import torch
 
 from tests.helpers import full_params, run_training
+from vidtron.errors import ConfigError
 from vidtron.launch.train import main as train_main
 from vidtron.models.dit import DiT
+from vidtron.models.dit.configs import dit_config
 from vidtron.platform.checkpoint import committed_checkpoints, load_model_weights
-from vidtron.platform.compose import compose_config
-from vidtron.platform.errors import ConfigError
 from vidtron.platform.metrics import read_metrics
-from vidtron.recipes.dit_t2v.task import dit_config
+from vidtron.recipes.registry import compose_config
 
 STEPS = 10
 COMMON = [
@@ -186,8 +186,11 @@ def test_async_checkpoints_equal_sync_ones(synth_data, tmp_path):
 
 
 def test_nan_streak_rolls_back_to_the_last_checkpoint(synth_data, ref, tmp_path):
-    """NaN at steps 5, 6 with trainer.max_bad_steps=2: both skipped, then a rollback to step 4 and a clean redo."""
-    run = run_torchrun(synth_data, tmp_path, "faults.nan_at_step=5", "faults.nan_steps=2", "trainer.max_bad_steps=2")
+    """NaN at steps 5, 6 with trainer.max_bad_steps=2: both skipped, then a rollback to step 4 and a clean redo (a
+    transient fault: trainer.skip_bad_batches=false replays the same batches; tests/test_bad_batches.py covers the
+    default, which moves past them)."""
+    extra = ["faults.nan_at_step=5", "faults.nan_steps=2", "trainer.max_bad_steps=2", "trainer.skip_bad_batches=false"]
+    run = run_torchrun(synth_data, tmp_path, *extra)
     rollbacks = [e for e in events(run) if e["event"] == "rollback"]
     assert [(e["from_step"], e["to_step"]) for e in rollbacks] == [(6, 4)]
     assert_matches_reference(run, ref)
@@ -226,5 +229,22 @@ def test_a_hung_rank_times_out_and_the_group_restarts(synth_data, ref, tmp_path)
     ev = assert_resumed_from(run, 4)
     failures = [e for e in ev if e["event"] == "failure"]
     assert any(e["rank"] == 0 and "timed out" in e["error"].lower() for e in failures), failures
+    assert_matches_reference(run, ref)
+    assert_nothing_outside(tmp_path)
+
+
+def test_a_hung_rank_is_named_by_its_heartbeat_long_before_the_collective_timeout(synth_data, ref, tmp_path):
+    """Rank 1 stops after step 5 with the collective timeout at 600 s: its heartbeat watchdog (trainer.hang_timeout_s)
+    reports it with rank and host and exits, torchrun restarts the group, and the run resumes from step 4."""
+    extra = ["faults.hang_rank=1", "faults.hang_at_step=5", "trainer.collective_timeout_s=600"]
+    run = run_torchrun(synth_data, tmp_path, *extra, "trainer.hang_timeout_s=6")
+    ev = events(run)
+    assert "restart" in [e["event"] for e in ev]
+    assert [e["step"] for e in ev if e["event"] == "resume"] == [4]
+    hangs = [e for e in ev if e["event"] == "hang"]
+    assert any(e["rank"] == 1 and e["host"] and e["step"] == 5 for e in hangs), hangs
+    assert not any("timed out" in e.get("error", "").lower() for e in ev if e["event"] == "failure")
+    beats = {p.name: json.loads(p.read_text()) for p in (run / "heartbeats").glob("rank_*.json")}
+    assert set(beats) == {"rank_0.json", "rank_1.json"} and all(b["step"] == 10 for b in beats.values())
     assert_matches_reference(run, ref)
     assert_nothing_outside(tmp_path)

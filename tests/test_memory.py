@@ -12,14 +12,15 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from vidtron.errors import ConfigError
 from vidtron.models.dit import DiT
+from vidtron.models.dit.configs import dit_config
+from vidtron.models.dit.sharding import apply_activation_memory, apply_offload, apply_recompute
+from vidtron.models.dit.sharding import select_dit_blocks as select_blocks
 from vidtron.parallel import offload as offload_mod
-from vidtron.parallel.memory_accounting import measure_step, synthetic_batch
-from vidtron.parallel.offload import ActivationOffloader, apply_activation_memory, apply_offload
-from vidtron.parallel.recompute import apply_recompute, select_blocks
-from vidtron.platform.errors import ConfigError
-from vidtron.recipes.dit_t2v.task import dit_config
+from vidtron.parallel.offload import ActivationOffloader
 from vidtron.testing.multirank import run_ranks
+from vidtron.tools.memory_accounting import measure_step, synthetic_batch
 
 GRID, TEXT, BATCH = (3, 8, 8), 16, 2  # latent clip (F, H, W), text tokens, batch
 

@@ -29,12 +29,12 @@ import pytest
 import torch
 
 from tests.helpers import full_params
+from vidtron.errors import ConfigError
 from vidtron.parallel.dims import ParallelDims
-from vidtron.platform.compose import compose_config
 from vidtron.platform.distributed import DistContext, init_distributed
-from vidtron.platform.errors import ConfigError
 from vidtron.platform.trainer import train
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo
+from vidtron.recipes.registry import compose_config
 from vidtron.testing.multirank import run_ranks
 
 TOL = 1e-5

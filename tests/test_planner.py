@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from vidtron.launch.plan import main as plan_main
-from vidtron.launch.plan import parse_bytes
 from vidtron.models.dit import DiT
-from vidtron.parallel.memory_accounting import measure_step, synthetic_batch
-from vidtron.parallel.memory_model import (
+from vidtron.models.dit.configs import dit_config
+from vidtron.models.dit.sharding import apply_activation_memory
+from vidtron.testing.multirank import run_ranks
+from vidtron.tools.memory_accounting import measure_step, synthetic_batch
+from vidtron.tools.memory_model import (
     GIB,
     Layout,
     Policy,
@@ -26,9 +28,7 @@ from vidtron.parallel.memory_model import (
     param_shapes,
     video_tokens,
 )
-from vidtron.parallel.offload import apply_activation_memory
-from vidtron.recipes.dit_t2v.task import dit_config
-from vidtron.testing.multirank import run_ranks
+from vidtron.tools.planner import parse_bytes
 
 TOL = 0.05
 POLICIES = [

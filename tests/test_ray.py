@@ -173,7 +173,7 @@ def test_fault_drills_under_ray(drill, synth_data, ref, ray_sandbox, tmp_path):
 @pytest.mark.slow
 def test_nan_rollback_under_ray(synth_data, ref, ray_sandbox, tmp_path):
     box = ray_sandbox
-    extra = ["faults.nan_at_step=5", "faults.nan_steps=2", "trainer.max_bad_steps=2"]
+    extra = ["faults.nan_at_step=5", "faults.nan_steps=2", "trainer.max_bad_steps=2", "trainer.skip_bad_batches=false"]
     box.run(train_cmd(synth_data, box.run_dir, *extra, launcher="ray"))
     rollbacks = [e for e in events(box.run_dir) if e["event"] == "rollback"]
     assert [(e["from_step"], e["to_step"]) for e in rollbacks] == [(6, 4)]

@@ -13,8 +13,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from vidtron.models.dit import DiT
-from vidtron.recipes.dit_t2v.task import dit_config
-from vidtron.recipes.scaling.flops import dit_train_flops
+from vidtron.models.dit.configs import dit_config
+from vidtron.tools.flops import dit_train_flops
 
 # (flavor, overrides, latent (F, H, W), text tokens, batch)
 CASES = {

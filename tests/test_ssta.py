@@ -376,7 +376,7 @@ if __name__ == "__main__":  # the triton half of the tests; run with TRITON_INTE
 def test_kernel_rejects_bad_shapes_with_what_it_expected():
     """Wrong k / v / mask shapes fail with the expected shape before any kernel runs (Triton would read out of
     bounds on a short v)."""
-    from vidtron.platform.errors import ConfigError
+    from vidtron.errors import ConfigError
 
     q, k, v = (x.view(1, 2, 4, 8, 8) for x in _qkv(1, 2, 32, 8, seed=2))  # [B, N, nb=4, bs=8, Dh]
     mask = torch.ones(4, 4, dtype=torch.bool)

@@ -13,8 +13,8 @@ import sys
 
 import pytest
 
+from vidtron.errors import ConfigError
 from vidtron.launch.sweep import main, parse_args
-from vidtron.platform.errors import ConfigError
 from vidtron.recipes.scaling import sweep
 from vidtron.recipes.scaling.grid import SweepConfig, family, parse_budgets
 from vidtron.recipes.scaling.sweep import run_sweep, smoothed_loss, to_curves

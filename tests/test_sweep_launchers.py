@@ -17,8 +17,8 @@ import warnings
 import pytest
 
 from tests.slurm_cluster import SlurmCluster, missing_reason
+from vidtron.launch import sweep_launchers
 from vidtron.launch.sweep import parse_args
-from vidtron.recipes.scaling import sweep_launchers
 from vidtron.recipes.scaling.grid import build_points
 from vidtron.recipes.scaling.sweep import run_sweep
 
@@ -44,7 +44,7 @@ def _logs(out) -> dict[str, str]:
 def local(synth_data, tmp_path_factory):
     """The tiny sweep under launcher=local: its out folder."""
     out = tmp_path_factory.mktemp("local") / "out"
-    status = run_sweep(parse_args(_argv(out, synth_data)))
+    status = run_sweep(parse_args(_argv(out, synth_data)), sweep_launchers)
     assert sorted(status["ran"]) == SIZES and status["failed"] == []
     return out
 
@@ -84,7 +84,9 @@ def test_ray_sweep_matches_local_and_resumes(local, synth_data, tmp_path):
 
 def test_slurm_dry_run_prints_one_script_per_point(synth_data, tmp_path, capsys):
     out = tmp_path / "out"
-    status = run_sweep(parse_args(_argv(out, synth_data, "launcher=slurm", "cluster=local_cpu", "dry_run=true")))
+    status = run_sweep(
+        parse_args(_argv(out, synth_data, "launcher=slurm", "cluster=local_cpu", "dry_run=true")), sweep_launchers
+    )
     printed = capsys.readouterr().out
     assert sorted(status["scripts"]) == SIZES and printed.count("#!/bin/bash") == 2
     for name, script in status["scripts"].items():
@@ -117,7 +119,7 @@ def slurm(tmp_path_factory, monkeypatch):
 
 def test_slurm_sweep_matches_local(slurm, local, synth_data, tmp_path):
     out = tmp_path / "out"
-    status = run_sweep(parse_args(_argv(out, synth_data, "launcher=slurm", "cluster=local_cpu")))
+    status = run_sweep(parse_args(_argv(out, synth_data, "launcher=slurm", "cluster=local_cpu")), sweep_launchers)
     assert sorted(status["ran"]) == SIZES and status["failed"] == [], status
     assert _losses(out) == _losses(local)
     for name, job in status["jobs"].items():

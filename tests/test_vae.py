@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidtron.errors import ConfigError
 from vidtron.models.vae import FLAVORS, CausalVAE, VAEConfig
 from vidtron.models.vae.blocks import CausalConv3d
 from vidtron.models.vae.configs import from_diffusers_config, to_diffusers_config
 from vidtron.models.vae.model import kl_divergence
 from vidtron.models.vae.state_dict_adapter import from_diffusers, to_diffusers
 from vidtron.models.vae.tiling import maybe_tiled_decode, seam_error, tiled_decode, tiled_encode, use_tiling
-from vidtron.platform.errors import ConfigError
 
 diffusers = pytest.importorskip("diffusers")
 TINY = FLAVORS["vae-tiny"]

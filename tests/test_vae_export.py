@@ -25,7 +25,6 @@ from vidtron.launch.data import main as data_main
 from vidtron.launch.export import main as export_main
 from vidtron.models.vae.configs import from_diffusers_config
 from vidtron.models.vae.state_dict_adapter import to_diffusers
-from vidtron.platform.compose import compose_config
 from vidtron.platform.config import BucketConfig, DataConfig
 from vidtron.platform.data.index import LATENT_EXT, SampleIndex
 from vidtron.platform.data.latents import load_latent_sample, to_model_input
@@ -33,7 +32,7 @@ from vidtron.platform.data.loader import BucketLoader
 from vidtron.platform.distributed import init_distributed
 from vidtron.platform.trainer import train
 from vidtron.recipes.dit_t2v.stream import load_causal_vae
-from vidtron.recipes.vae.task import VAETask
+from vidtron.recipes.registry import compose_config, get_recipe
 
 TOL = 1e-5
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -63,7 +62,7 @@ def trained(clips, tmp_path_factory):
     cfg = compose_config(overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LPIPS off
-        state = train(cfg, VAETask.from_train_config(cfg), init_distributed())
+        state = train(cfg, get_recipe("vae").make_task(cfg), init_distributed())
     ckpt = run_dir / "checkpoints" / "step_000003"
     assert (ckpt / "manifest.json").exists()
     return ckpt, state.model.vae.eval()

@@ -24,14 +24,14 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
 from tests.helpers import full_params
+from vidtron.errors import ConfigError
 from vidtron.launch.data import main as data_main
 from vidtron.parallel.dims import ParallelDims
 from vidtron.platform import checkpoint as ckpt
-from vidtron.platform.compose import compose_config
 from vidtron.platform.config import DataConfig, OptimConfig
 from vidtron.platform.distributed import init_distributed
-from vidtron.platform.errors import ConfigError
 from vidtron.platform.trainer import train
+from vidtron.recipes.registry import compose_config, get_recipe
 from vidtron.recipes.vae.config import CurriculumStage, VAERecipeConfig
 from vidtron.recipes.vae.data import frame_indices, stage_at, step_plan
 from vidtron.recipes.vae.discriminator import PatchDiscriminator3D
@@ -374,7 +374,7 @@ def _zero_config(root, run_dir, *overrides: str):
 def _train_vae(cfg):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LPIPS off
-        return train(cfg, VAETask.from_train_config(cfg), init_distributed())
+        return train(cfg, get_recipe("vae").make_task(cfg), init_distributed())
 
 
 def _zero_rank_main(root: str, tmp: str) -> dict:
@@ -450,7 +450,7 @@ def test_hsdp_and_four_shards_match_four_replicated_ranks(clips, tmp_path):
 def test_vae_recipe_rejects_another_zero_engine():
     """recipe=vae shards with FSDP2 only: another engine fails with the field, the value and the fix."""
     with pytest.raises(ConfigError, match=r"parallel.zero.engine='deepspeed'.*parallel.zero.engine=fsdp2"):
-        VAETask.from_train_config(compose_config(["recipe=vae", "parallel.zero.engine=deepspeed"]))
+        get_recipe("vae").make_task(compose_config(["recipe=vae", "parallel.zero.engine=deepspeed"]))
 
 
 # ---- PSNR / SSIM -----------------------------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import torch
 
 from tests.conftest import _synth
 from tests.helpers import full_params
-from vidtron.platform.compose import compose_config
 from vidtron.platform.config import DataConfig, OptimConfig
 from vidtron.platform.distributed import init_distributed
 from vidtron.platform.trainer import train
+from vidtron.recipes.registry import compose_config, get_recipe
 from vidtron.recipes.vae.config import CurriculumStage, VAERecipeConfig
 from vidtron.recipes.vae.evaluate import evaluate, load_eval_clips, psnr
 from vidtron.recipes.vae.task import VAETask
@@ -29,7 +29,7 @@ def long_clips(tmp_path_factory):
 
 def _run(data, run_dir, *extra):
     cfg = compose_config([f"data.root={data}", f"run_dir={run_dir}", *COMMON, STAGES, *extra])
-    return train(cfg, VAETask.from_train_config(cfg), init_distributed())
+    return train(cfg, get_recipe("vae").make_task(cfg), init_distributed())
 
 
 def test_vae_recipe_resumes_exactly_with_its_discriminator(long_clips, tmp_path):

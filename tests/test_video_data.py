@@ -15,13 +15,13 @@ import torch
 from safetensors.torch import save_file
 
 from tests.helpers import run_training
+from vidtron.errors import ConfigError, DataError
 from vidtron.launch.data import fit_autoencoder
 from vidtron.launch.data import main as data_main
 from vidtron.models.vae import FLAVORS, CausalVAE
 from vidtron.models.vae.configs import to_diffusers_config
 from vidtron.models.vae.state_dict_adapter import to_diffusers
 from vidtron.platform.checkpoint import committed_checkpoints
-from vidtron.platform.compose import compose_config
 from vidtron.platform.config import BucketConfig, DataConfig
 from vidtron.platform.data.index import LATENT_EXT, SampleIndex, write_tar
 from vidtron.platform.data.latents import load_latent_sample, to_model_input
@@ -36,10 +36,10 @@ from vidtron.platform.data.video import (
     make_decoder,
     resize_crop,
 )
-from vidtron.platform.errors import ConfigError, DataError
 from vidtron.platform.metrics import read_metrics
 from vidtron.recipes.dit_t2v.stream import build_latent_encoder
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo
+from vidtron.recipes.registry import compose_config
 
 BUCKETS = [(9, 64, 64, 4), (5, 48, 80, 4), (17, 64, 64, 2), (1, 64, 64, 6), (1, 48, 80, 6)]
 BUCKET_ARG = (
@@ -240,7 +240,7 @@ def test_weighted_loss_does_not_depend_on_dp(mp4_data, tmp_path):
         ]
     )
     task = DiTTextToVideo(cfg)
-    model = task.build_model()
+    model = task.materialize(task.build_model(), torch.device("cpu"))  # build_model gives meta tensors
     cursor = next(c for c in range(20) if len(task.stream.loader.plan.at(c)[1].items) == 3)
     one = task.loss(model, task.local_batch(1, cursor, 0, 1), torch.device("cpu"))
     two = [task.loss(model, task.local_batch(1, cursor, r, 2), torch.device("cpu")) for r in range(2)]

@@ -6,27 +6,34 @@ Contract of every core (dense, context-parallel, sparse): `core(q, k, v, text_ma
 `[B, N, L, Dh]` after qk-norm and RoPE, the sequence ordered `[video (L - T); text (T)]`, `text_mask` bool
 `[B, T]` (True = valid text token) or None (all valid), and out `[B, N, L, Dh]`. Video keys are always valid;
 padded text keys are hidden from every query (padded text queries still attend, as in diffusers).
+
+The computation is `vidtron.kernels.lse_attention.attention`: with impl="auto" torch's SDPA, i.e. the fused kernels
+(flash-for-CPU on CPU; flash / memory-efficient / cuDNN on CUDA) that the context-parallel cores use block by block.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from vidtron.kernels.lse_attention import attention, joint_key_mask
 
 
 def key_padding_mask(text_mask_BT: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
     """Boolean SDPA mask `[B, 1, 1, L]` (True = attend) with every video key valid; None when all are valid."""
-    if text_mask_BT is None:
-        return None
-    B, T = text_mask_BT.shape
-    video_BV = torch.ones(B, num_tokens - T, dtype=torch.bool, device=text_mask_BT.device)
-    keys_BL = torch.cat([video_BV, text_mask_BT.bool()], dim=1)  # [B, L]
-    return keys_BL[:, None, None, :]
+    keys_BL = joint_key_mask(text_mask_BT, num_tokens)  # [B, L]
+    return None if keys_BL is None else keys_BL[:, None, None, :]
 
 
 class DenseAttention(nn.Module):
-    """Full softmax attention over all L tokens with a key-padding mask for the text; no parameters."""
+    """Full softmax attention over all L tokens with a key-padding mask for the text; no parameters.
+
+    impl: "auto" (torch SDPA), "fused", "flash" or "math" (see `vidtron.kernels.lse_attention`).
+    """
+
+    def __init__(self, impl: str = "auto"):
+        super().__init__()
+        self.impl = impl
 
     def forward(
         self,
@@ -35,5 +42,5 @@ class DenseAttention(nn.Module):
         v_BNLDh: torch.Tensor,
         text_mask_BT: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        mask_B11L = key_padding_mask(text_mask_BT, k_BNLDh.shape[2])
-        return F.scaled_dot_product_attention(q_BNLDh, k_BNLDh, v_BNLDh, attn_mask=mask_B11L)  # [B, N, L, Dh]
+        keys_BL = joint_key_mask(text_mask_BT, k_BNLDh.shape[2])  # None when every key is valid
+        return attention(q_BNLDh, k_BNLDh, v_BNLDh, keys_BL, impl=self.impl)  # [B, N, L, Dh]

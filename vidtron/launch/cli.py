@@ -6,7 +6,7 @@ import functools
 import sys
 from collections.abc import Callable
 
-from vidtron.platform.errors import EXIT_USER_ERROR, ConfigError, DataError
+from vidtron.errors import EXIT_USER_ERROR, ConfigError, DataError
 
 
 def user_errors(prog: str) -> Callable:

@@ -5,6 +5,8 @@ vidtron-data synth --out DIR --clips N --frames F --height H --width W --seed S
     autoencoder (PCA over 4x8x8 patches) fitted on them. The folder appears complete or not at all.
     --format mp4|webm writes encoded videos (1-frame clips as png); --durations 5,9,17 --sizes 64x64,48x80
     draw each clip's length and size from those lists (variable shapes for data.format=video buckets).
+    --holdout red:circle:right,blue:square:up keeps those colour:shape:direction combos out of the clips
+    (listed in DIR/holdout.json) so a model can be scored on captions it never saw.
 vidtron-data fit-ae --root DIR
     (re)fit the stand-in autoencoder on the clips in DIR.
 vidtron-data encode --root DIR --out DIR2 [--buckets 9x64x64,1x64x64] [--vae FOLDER] [--rank R --world W]
@@ -15,6 +17,7 @@ vidtron-data encode --root DIR --out DIR2 [--buckets 9x64x64,1x64x64] [--vae FOL
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -22,6 +25,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from vidtron.errors import ConfigError
 from vidtron.launch.cli import user_errors
 from vidtron.launch.encode import add_encode_parser, run_encode
 from vidtron.models.vae.patch_pca import PatchPCAAutoencoder
@@ -29,9 +33,17 @@ from vidtron.platform.config import check_clip_shape
 from vidtron.platform.data.index import write_tar
 from vidtron.platform.data.shards import write_shard
 from vidtron.platform.data.synth import clip_spec, render_clip
-from vidtron.platform.data.synth_media import FORMATS, fit_clips, media_sample, parse_durations, parse_sizes
-from vidtron.platform.errors import ConfigError
+from vidtron.platform.data.synth_media import (
+    FORMATS,
+    fit_clips,
+    media_sample,
+    parse_durations,
+    parse_holdout,
+    parse_sizes,
+)
 from vidtron.recipes.dit_t2v.data import AE_FILE, videos_to_tensor
+
+HOLDOUT_FILE = "holdout.json"
 
 
 def _check_synth_args(a: argparse.Namespace) -> None:
@@ -57,18 +69,21 @@ def synth(a: argparse.Namespace) -> Path:
     out = Path(a.out)
     staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
+    holdout = parse_holdout(a.holdout)
     staging.mkdir(parents=True)
+    if holdout:
+        _write_holdout(staging, holdout)
     for first in range(0, a.clips, a.shard_size):
         if a.format != "npy" or a.durations or a.sizes:  # encoded media and/or varied shapes
             durations = parse_durations(a.durations) if a.durations else [a.frames]
             sizes = parse_sizes(a.sizes) if a.sizes else [(a.height, a.width)]
             ids = range(first, min(first + a.shard_size, a.clips))
-            samples = [media_sample(a.seed, i, a.format, durations, sizes) for i in ids]
+            samples = [media_sample(a.seed, i, a.format, durations, sizes, holdout=holdout) for i in ids]
             write_tar(staging / f"shard-{first // a.shard_size:05d}.tar", samples)
             continue
         samples = []
         for i in range(first, min(first + a.shard_size, a.clips)):
-            spec = clip_spec(a.seed, i)
+            spec = clip_spec(a.seed, i, holdout)
             meta = {
                 "caption": spec.caption,
                 "shape": spec.shape,
@@ -85,6 +100,11 @@ def synth(a: argparse.Namespace) -> Path:
     fit_autoencoder(staging, a.seed)
     _swap_in(staging, out)
     return out
+
+
+def _write_holdout(root: Path, holdout: frozenset) -> None:
+    """DIR/holdout.json: the colour:shape:direction combos no clip in DIR shows."""
+    (root / HOLDOUT_FILE).write_text(json.dumps({"holdout": sorted(":".join(c) for c in holdout)}, indent=1) + "\n")
 
 
 def _swap_in(staging: Path, out: Path) -> None:
@@ -115,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--format", choices=FORMATS, default="npy", help="npy arrays (default) or encoded mp4 / webm")
     s.add_argument("--durations", default="", help="frame counts to draw from, e.g. 5,9,17 (1 = png images)")
     s.add_argument("--sizes", default="", help="HxW sizes to draw from, e.g. 64x64,48x80")
+    s.add_argument("--holdout", default="", help="colour:shape:direction combos no clip shows, e.g. red:circle:right")
     add_encode_parser(sub)
     f = sub.add_parser("fit-ae", help="fit the stand-in autoencoder on the clips in --root")
     f.add_argument("--root", required=True)

@@ -20,13 +20,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from vidtron.errors import ConfigError, DataError
 from vidtron.launch.cli import user_errors
-from vidtron.models.dit.configs import DiTConfig
+from vidtron.models.dit.configs import DiTConfig, dit_config
 from vidtron.models.vae import FLAVORS as VAE_FLAVORS
 from vidtron.models.vae import VAEConfig
 from vidtron.platform.checkpoint import read_manifest
 from vidtron.platform.config import ModelConfig
-from vidtron.platform.errors import ConfigError, DataError
 from vidtron.platform.export import (
     DTYPES,
     ExportReport,
@@ -36,7 +36,6 @@ from vidtron.platform.export import (
     parse_size,
 )
 from vidtron.platform.export_models import ALL_FORMATS
-from vidtron.recipes.dit_t2v.task import dit_config
 
 
 def checkpoint_config(ckpt: Path) -> DiTConfig | VAEConfig:
@@ -68,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="5GB", help="largest weight file, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     p.add_argument("--dtype", default="keep", help=f"weights dtype: one of {', '.join(DTYPES)} (default keep)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the checkpoint's files")
+    p.add_argument("--weights", default="model", choices=("model", "ema"), help="trained weights or their EMA")
     return p
 
 
@@ -81,7 +81,8 @@ def run_export(a: argparse.Namespace) -> ExportReport:
     check_checkpoint(ckpt)
     check_output(out)
     cfg = checkpoint_config(ckpt)
-    return export_checkpoint(ckpt, a.format, out, cfg, max_bytes, DTYPES[a.dtype], check_files=not a.no_verify)
+    check = not a.no_verify
+    return export_checkpoint(ckpt, a.format, out, cfg, max_bytes, DTYPES[a.dtype], check_files=check, weights=a.weights)
 
 
 @user_errors("vidtron-export")

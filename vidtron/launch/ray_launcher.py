@@ -14,20 +14,17 @@ Re-running the same command after the driver died continues the run: the RunConf
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import uuid
 from pathlib import Path
 
 import torch
 
+from vidtron.errors import ConfigError
+from vidtron.launch.cluster import init_local_ray, load_cluster
 from vidtron.platform.config import TrainConfig
-from vidtron.platform.errors import ConfigError
 
-LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # nothing large goes through Ray's object store
 RAY_NAME = "vidtron"  # RunConfig.name; with storage_path <run_dir>/ray it identifies the run across drivers
-# <temp>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store must fit in an AF_UNIX path (107 bytes)
-MAX_RAY_TEMP_DIR_CHARS = 40
 
 
 def _attempt(run_dir: Path, launch_id: str) -> int:
@@ -45,22 +42,20 @@ def train_loop(config: dict) -> None:
     """Runs on every Ray worker: Ray has started the process group; build the config and train (or resume)."""
     import ray.train
 
-    from vidtron.launch.train import TASKS
-    from vidtron.platform.compose import compose_config
     from vidtron.platform.distributed import init_distributed
     from vidtron.platform.trainer import train
+    from vidtron.recipes.registry import compose_config, get_recipe
 
     cfg = compose_config(config["argv"])
     if ray.train.get_context().get_world_rank() == 0:
         os.environ["VIDTRON_RAY_ATTEMPT"] = str(_attempt(Path(cfg.run_dir), config["launch_id"]))
-    train(cfg, TASKS[cfg.recipe](cfg), init_distributed(cfg.trainer.collective_timeout_s))
+    task = get_recipe(cfg.recipe).make_task(cfg)
+    train(cfg, task, init_distributed(cfg.trainer.collective_timeout_s))
 
 
 def _init_ray(cfg: TrainConfig):
     """Connect to the cluster config's ray_address, or start a private local instance (no dashboard)."""
     import ray
-
-    from vidtron.launch.slurm import load_cluster
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     cluster = load_cluster(cfg.launcher.cluster) if cfg.launcher.cluster else None
@@ -68,31 +63,8 @@ def _init_ray(cfg: TrainConfig):
         env = {"OMP_NUM_THREADS": "1", **cluster.env}
         ray.init(address=cluster.ray_address, runtime_env={"env_vars": env}, log_to_driver=True)
         return cluster
-    _private_token()
-    ray.init(
-        address="local",
-        num_cpus=max(2, cfg.launcher.nproc_per_node),
-        include_dashboard=False,
-        dashboard_host="127.0.0.1",
-        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        _temp_dir=_temp_dir(Path(cfg.run_dir).resolve()),
-    )
+    init_local_ray(max(2, cfg.launcher.nproc_per_node), Path(cfg.run_dir).resolve(), dashboard_host="127.0.0.1")
     return cluster
-
-
-def _private_token() -> None:
-    """Token auth for the private instance without writing ~/.ray/auth_token: a random token in the environment
-    (inherited by Ray's processes), unless the user configured one."""
-    configured = any(os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"))
-    if not configured and not (Path.home() / ".ray" / "auth_token").exists():
-        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
-
-
-def _temp_dir(run_dir: Path) -> str | None:
-    """Ray's session folder inside the run dir when the socket paths under it stay within the 107-byte limit of
-    AF_UNIX; otherwise Ray's default (/tmp/ray)."""
-    path = run_dir / "ray" / "tmp"
-    return str(path) if len(str(path)) <= MAX_RAY_TEMP_DIR_CHARS else None
 
 
 def launch_ray(cfg: TrainConfig, argv: list[str]) -> int:

@@ -3,17 +3,27 @@
     vidtron-sample --run-dir runs/demo --prompt "a red circle moves left from the middle right" --out samples/
     vidtron-sample --ckpt runs/demo/checkpoints/step_000200 --prompt "..." --steps 30 --cfg-scale 5
     vidtron-sample --run-dir runs/demo --prompt "..." --tp 2 --cp 2 --cp-mode ulysses --nproc 4
+    vidtron-sample --run-dir runs/demo --prompt "..." --attention ssta --ssta-topk 64 --ssta-lambda 0.7
+    vidtron-sample --run-dir runs/demo --prompt "..." --tile auto --tile-size 256 --tile-frames 17   # VAE decode
 
 The checkpoint's manifest supplies the model flavor, text encoder, clip shape and data root (for the
 autoencoder that decodes the latents); any saved layout loads into any sampling layout. With `--nproc K > 1`
 the command re-runs itself under torchrun; every rank builds the DiT, applies the TP / CP layout (no FSDP: one
 data stream), loads the weights into its shards and runs the same Euler steps from the same seeded noise; rank 0
 decodes and writes the files. CPU (gloo) only for now.
+
+`--attention ssta` runs SSTA block-sparse attention (HunyuanVideo 1.5; vidtron/kernels/ssta/) in every block: tiles
+of --ssta-tile tokens (default (6, 8, 8); (1, 16, 24) for one latent frame), a --ssta-window sliding window of tiles
+(default (3, 3, 3); (1, 1, 1) for one frame) OR the --ssta-topk tiles by lambda-weighted similarity / redundancy
+(64, halved for <= 31 latent frames unless --no-ssta-halve-topk). One process, --tp, and --cp-mode ulysses (SSTA runs
+after the all-to-all on every video token of the rank's heads, so the masks are the single-process ones); ring and
+usp are refused. Decoding with a causal VAE (data.vae) is tiled per --tile (see vidtron/launch/encode.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import subprocess
 import sys
@@ -22,20 +32,19 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from vidtron.errors import ConfigError
+from vidtron.kernels.ssta import SSTAOptions
 from vidtron.launch.cli import user_errors
+from vidtron.launch.encode import VAETiling, add_tile_arguments, build_tiled_encoder, tiling_from_args
 from vidtron.models.dit import DiT
-from vidtron.models.dit.configs import DiTConfig
-from vidtron.models.dit.parallelize import apply_context_parallel
+from vidtron.models.dit.configs import DiTConfig, dit_config
+from vidtron.models.dit.parallelize import ParallelizeOptions, parallelize_dit
 from vidtron.models.text.encoders import build_text_encoder
 from vidtron.parallel.dims import ParallelDims
-from vidtron.parallel.tensor_parallel import apply_tensor_parallel
 from vidtron.platform.checkpoint import latest_valid_checkpoint, load_model_weights, read_manifest
 from vidtron.platform.distributed import DistContext, init_distributed, shutdown
-from vidtron.platform.errors import ConfigError
 from vidtron.platform.video_io import to_uint8_frames, write_gif, write_mp4
 from vidtron.recipes.dit_t2v.sampling import SampleOptions, sample_latents
-from vidtron.recipes.dit_t2v.stream import build_latent_encoder
-from vidtron.recipes.dit_t2v.task import dit_config
 
 
 def _resolve_checkpoint(a: argparse.Namespace) -> Path:
@@ -60,27 +69,36 @@ def model_config(cfg: dict) -> DiTConfig:
     return dit_config(model_cfg["flavor"], overrides)
 
 
-def parallelize_for_sampling(model: DiT, dims: ParallelDims) -> DiT:
-    """parallelize_dit's steps 1-2 (TP/SP, then context parallel) without FSDP: inference has one data stream."""
-    dims.validate_for(model.config.num_heads, None, model.config.mlp_hidden)
-    if dims.tp > 1:
-        apply_tensor_parallel(model, dims.mesh["tp"])
-    if dims.tp > 1 or dims.cp > 1:
-        apply_context_parallel(model, dims)
-    return model
-
-
-def load_for_sampling(ckpt: Path, dims: ParallelDims | None = None, device: str = "cpu") -> tuple[DiT, dict]:
+def load_for_sampling(
+    ckpt: Path,
+    dims: ParallelDims | None = None,
+    device: str = "cpu",
+    weights: str = "model",
+    parallel: ParallelizeOptions | None = None,
+) -> tuple[DiT, dict]:
     """The checkpoint's DiT in eval mode on `device`: single-device, or laid out by `dims` (mesh built on the same
-    device type) when it has > 1 rank."""
+    device type) when it has > 1 rank; `weights` = "model" (the trained weights) or "ema" (their EMA); `parallel`:
+    the attention core (`attention="ssta"` + `ssta` options; default dense), always with inference=True."""
     cfg = read_manifest(ckpt)["config"]
+    opts = dataclasses.replace(parallel or ParallelizeOptions(), inference=True)
     with torch.device("meta"):
         model = DiT(model_config(cfg))
     if dims is not None and dims.world_size > 1:
-        parallelize_for_sampling(model, dims)
+        parallelize_dit(model, dims, opts)
+    elif opts.attention != "dense":  # one process: no mesh needed, parallelize_dit only swaps the cores
+        parallelize_dit(model, dims or ParallelDims(), opts)
     model.to_empty(device=device)
-    load_model_weights(ckpt, model)
+    load_model_weights(ckpt, model, root=_weights_root(ckpt, weights))
     return model.eval(), cfg
+
+
+def _weights_root(ckpt: Path, weights: str) -> str:
+    """The checkpoint's top-level key of the chosen weights, refusing EMA weights a run did not keep."""
+    if weights not in ("model", "ema"):
+        raise ConfigError("--weights", weights, "choose model or ema")
+    if weights == "ema" and not read_manifest(ckpt)["config"]["trainer"].get("ema_decay", 0.0):
+        raise ConfigError("--weights", weights, f"{ckpt} has no EMA weights: train with trainer.ema_decay > 0")
+    return weights
 
 
 def clip_shape(cfg: dict, frames: int = 0, height: int = 0, width: int = 0) -> tuple[int, int, int]:
@@ -95,25 +113,45 @@ def latent_shape_for(dcfg: DiTConfig, clip: tuple[int, int, int]) -> tuple[int, 
 
 
 def generate_latents(
-    ckpt: Path, prompts: list[str], opts: SampleOptions, dims: ParallelDims | None = None, clip=(0, 0, 0), device="cpu"
+    ckpt: Path,
+    prompts: list[str],
+    opts: SampleOptions,
+    dims: ParallelDims | None = None,
+    clip=(0, 0, 0),
+    device="cpu",
+    weights: str = "model",
+    parallel: ParallelizeOptions | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Latents [B, C, F, H, W] for `prompts` from checkpoint `ckpt`, on this process or on every rank of `dims`
-    (same seeded noise everywhere, so every rank returns the same latents); also the manifest config."""
-    model, cfg = load_for_sampling(ckpt, dims, device)
+    (same seeded noise everywhere, so every rank returns the same latents); also the manifest config. `parallel`
+    picks the attention core (see `load_for_sampling`)."""
+    model, cfg = load_for_sampling(ckpt, dims, device, weights, parallel)
     dcfg, tcfg = model.config, cfg["text"]
-    encoder = build_text_encoder(
-        tcfg["encoder"], dcfg.text_dim, dcfg.pooled_dim, tcfg["max_tokens"], tcfg["llm_path"], tcfg["clip_path"]
-    )
+    encoder = build_text_encoder(tcfg, dcfg.text_dim, dcfg.pooled_dim)
     shape = latent_shape_for(dcfg, clip_shape(cfg, *clip))
     text, uncond = encoder.encode(prompts).to(device), encoder.encode([""]).to(device)
     z = sample_latents(model, text, uncond, shape, opts, dcfg.guidance_embeds)
     return z.cpu(), cfg
 
 
-def write_samples(z: torch.Tensor, prompts: list[str], cfg: dict, out: Path, data_root: str = "") -> list[Path]:
-    """Decode latents with the run's VAE (its causal VAE when data.vae was set, else the stand-in autoencoder of
-    the data root); write latents.safetensors and per prompt MP4, GIF and caption."""
-    video = build_latent_encoder(data_root or cfg["data"]["root"], cfg["data"].get("vae", "")).decode(z)
+def decode_latents(z: torch.Tensor, cfg: dict, data_root: str = "", tiling: VAETiling | None = None) -> torch.Tensor:
+    """Pixels [B, 3, F, H, W] of latents z, by the run's VAE (its causal VAE when data.vae was set, tiled per
+    `tiling` (default: auto), else the stand-in autoencoder of the data root, never tiled)."""
+    codec = build_tiled_encoder(data_root or cfg["data"]["root"], cfg["data"].get("vae", ""), tiling)
+    return codec.decode(z)
+
+
+def write_samples(
+    z: torch.Tensor,
+    prompts: list[str],
+    cfg: dict,
+    out: Path,
+    data_root: str = "",
+    tiling: VAETiling | None = None,
+) -> list[Path]:
+    """Decode latents with the run's VAE (`decode_latents`); write latents.safetensors and per prompt MP4, GIF and
+    caption."""
+    video = decode_latents(z, cfg, data_root, tiling)
     out.mkdir(parents=True, exist_ok=True)
     save_file({"latents": z.contiguous()}, str(out / "latents.safetensors"))
     written = [out / "latents.safetensors"]
@@ -131,12 +169,38 @@ def _options(a: argparse.Namespace) -> SampleOptions:
     return SampleOptions(steps=a.steps, shift=a.shift, cfg_scale=a.cfg_scale, guidance=a.guidance, seed=a.seed)
 
 
+def _dims3(flag: str, text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        dims = tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3:
+        raise ConfigError(flag, text, "give three integers T,H,W, e.g. 6,8,8")
+    return dims
+
+
+def attention_options(a: argparse.Namespace) -> ParallelizeOptions:
+    """The attention core of the run (--attention and the --ssta-* flags), as sampling ParallelizeOptions."""
+    ssta = SSTAOptions(
+        tile=_dims3("--ssta-tile", a.ssta_tile),
+        window=_dims3("--ssta-window", a.ssta_window),
+        topk=a.ssta_topk,
+        halve_topk=a.ssta_halve_topk,
+        lam=a.ssta_lambda,
+        backend=a.ssta_backend,
+    )
+    return ParallelizeOptions(inference=True, attention=a.attention, ssta=ssta)
+
+
 def sample_to_files(
     a: argparse.Namespace, dims: ParallelDims | None = None, is_main: bool = True, device="cpu"
 ) -> list[Path]:
     ckpt = _resolve_checkpoint(a)
-    z, cfg = generate_latents(ckpt, a.prompt, _options(a), dims, (a.frames, a.height, a.width), device)
-    return write_samples(z, a.prompt, cfg, Path(a.out), a.data_root) if is_main else []
+    clip, attn = (a.frames, a.height, a.width), attention_options(a)
+    z, cfg = generate_latents(ckpt, a.prompt, _options(a), dims, clip, device, a.weights, attn)
+    return write_samples(z, a.prompt, cfg, Path(a.out), a.data_root, tiling_from_args(a)) if is_main else []
 
 
 def _dims(a: argparse.Namespace) -> ParallelDims:
@@ -147,11 +211,16 @@ def preflight(a: argparse.Namespace, world_size: int) -> ParallelDims:
     """Check the layout against the process count, the checkpoint's heads / MLP and the clip's tokens, before
     any process group starts."""
     dims = _dims(a)
+    attention_options(a).check_layout(dims, cp_mode_field="--cp-mode")
+    tiling = tiling_from_args(a)
     if world_size != dims.world_size:
         raise ConfigError(
             "--nproc", world_size, f"must equal --tp * --cp = {dims.world_size} (layout {dims.layout_name})"
         )
     cfg = read_manifest(_resolve_checkpoint(a))["config"]
+    if tiling.mode == "on" and not cfg["data"].get("vae"):
+        fix = "this run decodes with the stand-in autoencoder (no data.vae), which maps each patch alone: no tiling"
+        raise ConfigError("--tile", tiling.mode, fix)
     dcfg = model_config(cfg)
     _, f, h, w = latent_shape_for(dcfg, clip_shape(cfg, a.frames, a.height, a.width))
     pt, p, _ = dcfg.patch
@@ -208,6 +277,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-scale", type=float, default=5.0)
     p.add_argument("--guidance", type=float, default=6.0, help="guidance-embedding scale for distilled flavors")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights", default="model", help="model (trained weights) or ema (trainer.ema_decay > 0 runs)")
     p.add_argument("--frames", type=int, default=0)
     p.add_argument("--height", type=int, default=0)
     p.add_argument("--width", type=int, default=0)
@@ -216,7 +286,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cp", type=int, default=1, help="context-parallel ranks")
     p.add_argument("--cp-mode", default="ring", help="ring | ulysses | usp")
     p.add_argument("--nproc", type=int, default=1, help="local processes (= tp * cp); > 1 re-runs under torchrun")
+    _add_attention_arguments(p)
+    add_tile_arguments(p)
     return p
+
+
+def _add_attention_arguments(p: argparse.ArgumentParser) -> None:
+    s = SSTAOptions()
+    p.add_argument("--attention", default="dense", choices=("dense", "ssta"), help="dense, or SSTA block-sparse")
+    p.add_argument("--ssta-tile", default=None, help="tokens per tile T,H,W (default 6,8,8; 1,16,24 for one frame)")
+    p.add_argument("--ssta-window", default=None, help="sliding window in tiles (default 3,3,3; 1,1,1 for one frame)")
+    p.add_argument("--ssta-topk", type=int, default=s.topk, help="selective key tiles per query tile")
+    p.add_argument(
+        "--ssta-halve-topk", default=s.halve_topk, action=argparse.BooleanOptionalAction, help="for <= 31 frames"
+    )
+    p.add_argument("--ssta-lambda", type=float, default=s.lam, help="similarity vs redundancy weight")
+    p.add_argument("--ssta-backend", default=s.backend, choices=("torch", "triton"), help="block-sparse kernel")
 
 
 @user_errors("vidtron-sample")

@@ -15,87 +15,19 @@ import os
 import shlex
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
+from vidtron.launch.cluster import ClusterConfig, load_cluster, sbatch_options
+from vidtron.launch.preflight import preflight
 from vidtron.platform.config import TrainConfig
-from vidtron.platform.errors import ConfigError
 from vidtron.platform.metrics import log_event
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class ClusterConfig:
-    """A cluster description (`cluster_configs/<name>.yaml`); SLURM fields, plus `ray_address` for launcher=ray."""
-
-    nodes: int = 1  # nodes per job
-    gpus_per_node: int = 0  # GPUs per node (--gpus-per-node); 0 = CPU nodes
-    procs_per_node: int = 0  # training processes per node; 0 = gpus_per_node, or 1 on CPU nodes
-    cpus_per_node: int = 0  # --cpus-per-task of the one srun task per node; 0 = SLURM's default
-    mem: str = ""  # --mem per node, e.g. 0 (all of it) or 200G; "" = SLURM's default
-    partition: str = ""  # --partition; "" = the cluster's default partition
-    account: str = ""  # --account
-    qos: str = ""  # --qos
-    time_limit: str = "01:00:00"  # --time: [D-]HH:MM:SS
-    container_image: str = ""  # pyxis/enroot image for `srun --container-image`; "" = run on the host
-    container_mounts: str = ""  # `srun --container-mounts`, e.g. /lustre:/lustre
-    env: dict[str, str] = field(default_factory=dict)  # exported in the job before srun
-    setup: list[str] = field(default_factory=list)  # shell lines before srun (module load, source a venv, ...)
-    python: str = ""  # interpreter on the nodes; "" = the one running vidtron-train
-    rdzv_port: int = 0  # c10d rendezvous port on the head node; 0 = a free one (1 node) or derived from the job id
-    extra_sbatch: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. --exclusive
-    ray_address: str = ""  # launcher=ray: a running Ray cluster (ray://head:10001 or head:6379); "" = local
-
-    def __post_init__(self) -> None:
-        if self.nodes < 1:
-            raise ConfigError("cluster.nodes", self.nodes, "must be >= 1")
-        if self.gpus_per_node < 0 or self.procs_per_node < 0 or self.cpus_per_node < 0:
-            raise ConfigError("cluster.procs_per_node", self.procs_per_node, "counts must be >= 0")
-
-    @property
-    def procs(self) -> int:
-        """Training processes per node."""
-        return self.procs_per_node or self.gpus_per_node or 1
-
-
-def cluster_path(name: str) -> Path:
-    """A .yaml path as given, else cluster_configs/<name>.yaml here or in the vidtron checkout."""
-    if name.endswith((".yaml", ".yml")):
-        return Path(name)
-    for root in (Path.cwd(), REPO_ROOT):
-        path = root / "cluster_configs" / f"{name}.yaml"
-        if path.exists():
-            return path
-    return Path("cluster_configs") / f"{name}.yaml"
-
-
-def load_cluster(name: str) -> ClusterConfig:
-    path = cluster_path(name)
-    if not path.is_file():
-        known = sorted(p.stem for p in (REPO_ROOT / "cluster_configs").glob("*.yaml"))
-        raise ConfigError("launcher.cluster", name, f"no {path}; choose one of {known} or give a .yaml path")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(ClusterConfig), OmegaConf.load(path))
-        return OmegaConf.to_object(merged)
-    except ConfigError:
-        raise
-    except Exception as err:  # an unknown key or a wrong type in the yaml
-        first = str(err).splitlines()[0]
-        raise ConfigError("launcher.cluster", str(path), f"{first}; see the fields of ClusterConfig") from err
 
 
 def _sbatch_lines(c: ClusterConfig, cfg: TrainConfig, log_dir: Path) -> list[str]:
-    opts = [f"--job-name=vidtron-{Path(cfg.run_dir).name}", f"--nodes={c.nodes}", "--ntasks-per-node=1"]
-    opts += [f"--gpus-per-node={c.gpus_per_node}"] if c.gpus_per_node else []
-    opts += [f"--cpus-per-task={c.cpus_per_node}"] if c.cpus_per_node else []
-    opts += [f"--mem={c.mem}"] if c.mem else []
-    for flag, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos)):
-        opts += [f"--{flag}={value}"] if value else []
-    opts += [f"--time={c.time_limit}", f"--output={log_dir}/%x-%j.out", "--open-mode=append", "--requeue"]
-    return [f"#SBATCH {o}" for o in [*opts, *c.extra_sbatch]]
+    head = [f"--nodes={c.nodes}", "--ntasks-per-node=1"]
+    head += [f"--gpus-per-node={c.gpus_per_node}"] if c.gpus_per_node else []
+    head += [f"--cpus-per-task={c.cpus_per_node}"] if c.cpus_per_node else []
+    return sbatch_options(c, f"vidtron-{Path(cfg.run_dir).name}", f"{log_dir}/%x-%j.out", head, ["--requeue"])
 
 
 def _rdzv_port_lines(c: ClusterConfig, python: str) -> list[str]:
@@ -157,8 +89,6 @@ def launch_slurm(cfg: TrainConfig, argv: list[str]) -> int:
     if cfg.launcher.dry_run:
         print(script, end="")
         return 0
-    from vidtron.launch.train import preflight
-
     preflight(cfg, cluster.nodes * cluster.procs)
     log_dir = Path(cfg.run_dir).resolve() / "slurm"
     log_dir.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,10 @@ import inspect
 import re
 import sys
 
+from vidtron.errors import ConfigError
+from vidtron.launch import sweep_launchers
 from vidtron.launch.cli import user_errors
-from vidtron.platform.errors import ConfigError
+from vidtron.launch.cluster import load_cluster
 from vidtron.recipes.scaling.grid import SweepConfig
 from vidtron.recipes.scaling.sweep import run_sweep, say
 
@@ -70,7 +72,10 @@ def parse_args(argv: list[str]) -> SweepConfig:
             values[key] = _convert(key, fields[key], value)
         else:
             raise ConfigError(key, value, f"unknown key; choose one of {sorted(fields)} or a dotted vidtron-train key")
-    return SweepConfig(**values, train=train)
+    cfg = SweepConfig(**values, train=train)
+    if cfg.launcher == "slurm":
+        load_cluster(cfg.cluster)  # ConfigError for a missing or malformed cluster yaml
+    return cfg
 
 
 def _field_help() -> list[str]:
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__ + "\n".join(_field_help()))
         return 0
     cfg = parse_args(argv)
-    status = run_sweep(cfg)
+    status = run_sweep(cfg, sweep_launchers)
     if status.get("dry_run"):
         say(f"dry run: {len(status['scripts'])} job scripts printed, nothing submitted")
         return 0

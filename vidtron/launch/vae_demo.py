@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from vidtron.errors import ConfigError
 from vidtron.launch.cli import user_errors
 from vidtron.launch.data import main as data_main
 from vidtron.platform.config import DataConfig, OptimConfig
-from vidtron.platform.errors import ConfigError
 from vidtron.platform.trainer import lr_at
 from vidtron.recipes.vae.config import CurriculumStage, VAERecipeConfig
 from vidtron.recipes.vae.evaluate import evaluate_tiled_and_untiled, load_eval_clips, psnr

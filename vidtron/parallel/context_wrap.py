@@ -20,7 +20,8 @@ The token layout (the design):
   vidtron/parallel/context/comm.py), drop CP padding: `[B, V, D]` on every rank, and the loss is computed in full
   on every rank (FSDP's average over the CP ranks then yields the exact gradient).
 
-Hooks, registered by `wrap_tokens` (the model stays a single-device module):
+Hooks, registered by the model's own `wrap_tokens` (vidtron/models/dit/sharding.py; the model stays a single-device
+module):
 - the first block's forward pre-hook shards video + text and builds this batch's RoPE chunk and padded text mask;
 - every block's pre-hook swaps the full RoPE / text mask arguments for those;
 - the final layer's pre-hook gathers the video tokens.
@@ -138,29 +139,3 @@ class SequencePaddedCore(nn.Module):
         out = self.inner(q, k, v, text_mask)
         zeros = out.new_zeros(out.shape[0], out.shape[1], pad, out.shape[3])
         return torch.cat([out[:, :, :vc], zeros, out[:, :, vc:]], dim=2)  # [B, N, Vc_pad + T, Dh]
-
-
-def wrap_tokens(model: nn.Module, sharder: TokenSharder, core: nn.Module) -> None:
-    """Install the hooks (see the module doc) and `SequencePaddedCore(core)` as every block's attn_core."""
-    blocks = [*model.double_blocks, *model.single_blocks]
-    if not blocks:
-        raise ValueError("context / sequence parallelism needs at least one dual- or single-stream block")
-    lay = sharder.layout
-    padded = SequencePaddedCore(core, lay)  # one shared, parameter-free instance
-
-    def enter(module, args):  # (img, txt, cond, rope, text_mask) of the first block
-        img, txt, cond, rope, mask = args
-        img, txt = sharder.enter(img, txt, rope, mask)
-        return img, txt, cond, lay.rope, lay.text_mask
-
-    def swap(module, args):
-        img, txt, cond, _, _ = args
-        return img, txt, cond, lay.rope, lay.text_mask
-
-    def leave(module, args):  # (img, cond) of the final layer
-        return sharder.exit(args[0]), *args[1:]
-
-    for i, block in enumerate(blocks):
-        block.attn_core = padded
-        block.register_forward_pre_hook(enter if i == 0 else swap)
-    model.final_layer.register_forward_pre_hook(leave)

@@ -9,20 +9,24 @@ every rank: with tp = 1 its data-parallel group is dp_shard x cp, which is also 
 (CP ranks' gradients sum to cp x the gradient, see context_wrap.py). It averages and clips the gradients
 (optim.grad_clip as `gradient_clipping`), skips a step whose gradients are not finite, and runs our torch AdamW on
 its flat fp32 partitions. Ours: the model (parallelize_dit's CP and recompute/offload, no FSDP), bf16 autocast over
-fp32 master weights (trainer.bf16, as with FSDP2), the LR schedule, and checkpoints.
+fp32 master weights (trainer.precision=bf16, as with FSDP2), the LR schedule, and checkpoints.
 
 Checkpoints. DeepSpeed's own `save_checkpoint` writes pickles (loading them would run an unrestricted unpickler)
 and needs `ds_to_universal` before a run can change its world size, so it is not used. `checkpoint_state()`
-returns the state dicts FSDP2's `get_state_dict` gives, with full tensors by parameter name, gathered with
-DeepSpeed's tensor-fragment API (`safe_get_full_fp32_param`, `safe_get_full_optimizer_state`: collectives, every
-rank in the same order); DCP writes each tensor once. `load_checkpoint_state` scatters them back
-(`safe_set_full_*`) and refreshes the working weights. So a DeepSpeed checkpoint resumes under any world size and
-stage and under FSDP2, and the reverse. Cost: during a save every rank holds the full fp32 model and Adam moments.
+returns the state dicts FSDP2's `get_state_dict` gives, by parameter name and in each parameter's shape, but every
+trainable tensor (fp32 master weight, exp_avg, exp_avg_sq) is a ShardedTensor whose local shards are views of this
+rank's own slice of DeepSpeed's flat fp32 partition and Adam moments: the rank's contiguous range of the flattened
+parameter, cut into at most 2 ndim - 1 boxes that are contiguous in memory (`_boxes`). Nothing is gathered (one
+small all_gather_object of who owns which range); DCP writes each rank's slices and records them as chunks of the
+named tensor, so the checkpoint reshards by name like FSDP2's. `load_checkpoint_state` receives the same views,
+filled in place by DCP from any layout (DeepSpeed at any world size or stage, FSDP2, one process), and refreshes
+the working weights. Frozen parameters (no fp32 partition) are gathered one at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
@@ -30,9 +34,12 @@ import warnings
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._shard.metadata import ShardMetadata
+from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
+from torch.distributed._shard.sharded_tensor.metadata import TensorProperties
 
+from vidtron.errors import ConfigError
 from vidtron.parallel.dims import ParallelDims
-from vidtron.platform.errors import ConfigError
 
 INSTALL = "DS_BUILD_OPS=0 pip install --no-build-isolation -c constraints.txt 'vidtron[deepspeed]'"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -144,17 +151,21 @@ class DeepSpeedZeRO:
         return out
 
     def checkpoint_state(self) -> tuple[dict, dict]:
-        """(model, optimizer) state dicts shaped like FSDP2's full `get_state_dict`; collective."""
-        from deepspeed.utils import safe_get_full_optimizer_state
-
+        """(model, optimizer) state dicts shaped like FSDP2's `get_state_dict`, by parameter name; each trainable
+        tensor a ShardedTensor over views of this rank's own partition (nothing gathered). Collective."""
         self._ensure_optimizer_state()
-        model_sd = {**self.full_parameters(), **self._buffers()}
-        step = self._step_count()
-        state = {}
+        local = {name: self._local_views(p) for name, p in self.params.items() if self._sliceable(p)}
+        owners, devices = _owners({name: (start, views[0]) for name, (start, views) in local.items()})
+        model_sd, state, step = {}, {}, self._step_count()
         for name, p in self.params.items():
-            if p.requires_grad:
-                moments = {k: safe_get_full_optimizer_state(p, k).reshape(self._shape(p)).cpu() for k in ADAM_MOMENTS}
-                state[name] = {"step": torch.tensor(step), **moments}
+            if name not in local:  # frozen (or 0-d): no fp32 partition; gathered whole, one parameter at a time
+                model_sd[name] = self._gathered(p)
+                continue
+            boxes = [_boxes(s, s + n, self._shape(p)) for s, n in owners[name]]
+            fp32, *moments = (_sharded(v, local[name][0], self._shape(p), boxes, devices) for v in local[name][1])
+            model_sd[name] = fp32
+            state[name] = {"step": torch.tensor(step), **dict(zip(ADAM_MOMENTS, moments))}
+        model_sd.update(self._buffers())
         trainable = [n for n, p in self.params.items() if p.requires_grad]
         groups = [
             {**{k: v for k, v in g.items() if k != "params"}, "params": trainable} for g in self.base.param_groups
@@ -162,7 +173,8 @@ class DeepSpeedZeRO:
         return model_sd, {"state": state, "param_groups": groups}
 
     def load_checkpoint_state(self, model_sd: dict, optim_sd: dict) -> None:
-        """Scatter full state dicts (from any engine and world size) into the partitions; collective."""
+        """After DCP filled `checkpoint_state()`'s tensors in place (from any engine and world size): the AdamW step,
+        the buffers and the working weights. Full tensors (from an older caller) are scattered instead. Collective."""
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         self._ensure_optimizer_state()
@@ -170,9 +182,10 @@ class DeepSpeedZeRO:
         for name, p in self.params.items():
             if not p.requires_grad:
                 continue
-            safe_set_full_fp32_param(p, model_sd[name].to(torch.float32))
-            for key in ADAM_MOMENTS:
-                safe_set_full_optimizer_state(p, optim_sd["state"][name][key].to(torch.float32), key)
+            if not isinstance(model_sd[name], ShardedTensor):
+                safe_set_full_fp32_param(p, model_sd[name].to(torch.float32))
+                for key in ADAM_MOMENTS:
+                    safe_set_full_optimizer_state(p, optim_sd["state"][name][key].to(torch.float32), key)
             steps.add(float(optim_sd["state"][name]["step"]))
         for flat in self._flat_partitions():
             self.base.state[flat]["step"] = torch.tensor(max(steps, default=0.0))
@@ -182,6 +195,28 @@ class DeepSpeedZeRO:
         self._refresh_working_weights()
 
     # ---- internals --------------------------------------------------------------------------------------------
+
+    def _sliceable(self, p: nn.Parameter) -> bool:
+        return p.requires_grad and len(self._shape(p)) > 0
+
+    def _local_views(self, p: nn.Parameter) -> tuple[int, list[torch.Tensor]]:
+        """(start, [fp32, exp_avg, exp_avg_sq]): this rank's range of the flattened parameter, as views of
+        DeepSpeed's flat fp32 partition and of AdamW's state over it (writing them writes the partition)."""
+        if self.stage < 3:
+            frag = getattr(p, "_hp_mapping", None)
+            if frag is None:  # this rank's partition holds none of it
+                return 0, [torch.empty(0, dtype=torch.float32) for _ in range(1 + len(ADAM_MOMENTS))]
+            start, n = frag.lp_fragment_address.start, frag.lp_fragment_address.numel
+            flat = self.zero.single_partition_of_fp32_groups[frag.param_group_index]
+            moments = [self.base.state[flat][k].narrow(0, frag.hp_fragment_address.start, n) for k in ADAM_MOMENTS]
+            return start, [frag.hp_fragment, *moments]
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        full = safe_get_local_fp32_param(p)  # ceil(numel / world) elements; the last rank's end is padding
+        start = full.numel() * self.zero._get_param_partition_rank(p)
+        n = max(0, min(full.numel(), math.prod(self._shape(p)) - start))
+        views = [full, *(safe_get_local_optimizer_state(p, k) for k in ADAM_MOMENTS)]
+        return start, [v.narrow(0, 0, n) for v in views]
 
     @staticmethod
     def _shape(p: nn.Parameter) -> torch.Size:
@@ -232,5 +267,58 @@ class DeepSpeedZeRO:
         if self.stage < 3:
             self.zero.update_lp_params()  # copy + all-gather the full parameters
         else:
+            # as DeepSpeed's step does: release every gathered parameter, the persistent ones (ds_persist_below)
+            # included, write the partitions, then gather the persistent ones again (else the next forward uses
+            # their values from before the load)
+            self.zero.checkpoint_event_prologue()
             for i in range(len(self.zero.fp16_groups)):
                 self.zero._reassign_or_swap_out_partitioned_parameters(i)
+            self.zero.checkpoint_event_epilogue()
+
+
+def _boxes(start: int, stop: int, shape: tuple[int, ...]) -> list[tuple[tuple, tuple, int]]:
+    """The flat range [start, stop) of a row-major tensor of `shape` as boxes (offsets, sizes, flat start), each
+    contiguous in memory: a partial first row, whole rows, a partial last row (recursively: <= 2 ndim - 1 boxes)."""
+    if stop <= start:
+        return []
+    if not shape:
+        return [((), (), start)]
+    inner = math.prod(shape[1:])
+    (row0, col0), (row1, col1) = divmod(start, inner), divmod(stop, inner)
+
+    def within(row: int, lo: int, hi: int) -> list:
+        return [((row, *o), (1, *s), row * inner + f) for o, s, f in _boxes(lo, hi, shape[1:])]
+
+    if row0 == row1:
+        return within(row0, col0, col1)
+    out = within(row0, col0, inner) if col0 else []
+    row0 += 1 if col0 else 0
+    if row1 > row0:
+        out.append(((row0, *[0] * (len(shape) - 1)), (row1 - row0, *shape[1:]), row0 * inner))
+    return out + (within(row1, 0, col1) if col1 else [])
+
+
+def _owners(mine: dict[str, tuple[int, torch.Tensor]]) -> tuple[dict[str, list[tuple[int, int]]], list[str]]:
+    """({name: [(start, numel) of rank 0, rank 1, ...]}, [device of rank 0, ...]) from this rank's {name: (start,
+    flat view)}: one all_gather_object of every rank's ranges (a few bytes per parameter)."""
+    device = next((str(v.device) for _, v in mine.values() if v.numel()), "cpu")
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, ({name: (s, v.numel()) for name, (s, v) in mine.items()}, device))
+    return {name: [ranges[name] for ranges, _ in everyone] for name in mine}, [d for _, d in everyone]
+
+
+def _sharded(view: torch.Tensor, start: int, shape, boxes: list[list], devices: list[str]) -> ShardedTensor:
+    """A ShardedTensor of `shape` whose shards are every rank's `boxes` (rank r's list at index r) and whose local
+    shards are views of `view`, this rank's flat range starting at flat index `start` (no copy)."""
+    rank, view = dist.get_rank(), view.detach()  # same storage: DCP's in-place load still lands in the partition
+    metas, local = [], []
+    for r, rank_boxes in enumerate(boxes):
+        for offsets, sizes, flat_start in rank_boxes:
+            meta = ShardMetadata(list(offsets), list(sizes), f"rank:{r}/{devices[r]}")
+            metas.append(meta)
+            if r == rank:
+                local.append(Shard(view.narrow(0, flat_start - start, math.prod(sizes)).view(sizes), meta))
+    props = TensorProperties(dtype=view.dtype)
+    return ShardedTensor._init_from_local_shards_and_global_metadata(
+        local, ShardedTensorMetadata(metas, torch.Size(shape), props)
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from vidtron.platform.errors import ConfigError
+from vidtron.errors import ConfigError
 
 CP_MODES = ("ring", "ulysses", "usp")
 

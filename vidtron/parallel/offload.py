@@ -35,8 +35,6 @@ from torch.autograd.graph import register_multi_grad_hook, saved_tensors_hooks
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-from vidtron.parallel.recompute import apply_recompute, dit_blocks, select_blocks
-
 Observer = Callable[[int, torch.Tensor, bool], None]  # (block index, saved tensor, offloaded?)
 
 
@@ -294,25 +292,16 @@ def flat_tensors(x) -> list[torch.Tensor]:
 
 
 def apply_offload(
-    model: nn.Module,
-    blocks: str,
+    blocks: list[nn.Module],
+    chosen: list[int],
     device: torch.device | str | None = None,
     prefetch: bool = True,
     min_bytes: int = 1024,
 ) -> ActivationOffloader | None:
-    """Offload the saved activations of the blocks in `blocks` (a block spec); None when the spec is empty."""
-    chosen = sorted(select_blocks(blocks, len(model.double_blocks), len(model.single_blocks), "memory.offload_blocks"))
+    """Offload the saved activations of `blocks[i]` for i in `chosen`; None when nothing is chosen."""
     if not chosen:
         return None
     offloader = ActivationOffloader(device, min_bytes=min_bytes, prefetch=prefetch)
-    all_blocks = dit_blocks(model)
     for i in chosen:
-        offloader.wrap(all_blocks[i], i)
+        offloader.wrap(blocks[i], i)
     return offloader
-
-
-def apply_activation_memory(model: nn.Module, memory, device: torch.device | str | None = None):
-    """Step 3 of parallelize_dit: recompute, then offload (outermost, so a recomputed block's inputs are offloaded).
-    `memory` is a MemoryConfig; returns the ActivationOffloader (or None)."""
-    apply_recompute(model, memory.recompute, memory.recompute_blocks, memory.selective)
-    return apply_offload(model, memory.offload_blocks, device)

@@ -1,6 +1,7 @@
-"""Activation recompute for the DiT's blocks, applied from outside without renaming a parameter.
+"""Activation recompute of a model's blocks, applied from outside without renaming a parameter.
 
-Block indices count the dual-stream blocks first (0 .. n_double - 1), then the single-stream ones; a block spec
+Which modules are the blocks and their regions is the model's (the DiT's: vidtron/models/dit/sharding.py). DiT
+block indices count the dual-stream blocks first (0 .. n_double - 1), then the single-stream ones; a block spec
 (`memory.recompute_blocks`, `memory.offload_blocks`) is "all", "double", "single", "" / "none", or indices and
 inclusive ranges joined by "," or "+" ("0-3,7", "double+50-59"; "+" needs no quoting in Hydra overrides).
 
@@ -26,27 +27,21 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vidtron.platform.errors import ConfigError
+from vidtron.errors import ConfigError
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 SELECTIVE_REGIONS = ("attn", "mlp")
 
-# block class name -> region -> child modules recomputed (the attention core is handled separately)
-REGIONS: dict[str, dict[str, tuple[str, ...]]] = {
-    "DoubleStreamBlock": {"attn": ("img_attn", "txt_attn"), "mlp": ("img_mlp", "txt_mlp")},
-    "SingleStreamBlock": {"attn": ("attn",), "mlp": ()},
-}
+Regions = dict[str, dict[str, tuple[str, ...]]]  # block class name -> region -> child modules it recomputes
 
 
-def dit_blocks(model: nn.Module) -> list[nn.Module]:
-    """The dual-stream then single-stream blocks, in block-index order."""
-    return [*model.double_blocks, *model.single_blocks]
-
-
-def select_blocks(spec: str, num_double: int, num_single: int, field: str = "memory.recompute_blocks") -> set[int]:
-    """Parse a block spec (see the module doc) into a set of block indices."""
-    total = num_double + num_single
-    named = {"all": range(total), "double": range(num_double), "single": range(num_double, total)}
+def select_blocks(spec: str, groups: dict[str, int], field: str = "memory.recompute_blocks") -> set[int]:
+    """Parse a block spec into a set of block indices. `groups` names the model's block kinds in index order with
+    their counts (e.g. {"double": 20, "single": 40}); a group's name selects all its blocks, "all" every block."""
+    total, named, start = sum(groups.values()), {}, 0
+    for name, count in groups.items():
+        named[name], start = range(start, start + count), start + count
+    named["all"] = range(total)
     chosen: set[int] = set()
     for part in (p.strip() for p in str(spec).replace("+", ",").split(",")):
         if part in ("", "none"):
@@ -56,12 +51,11 @@ def select_blocks(spec: str, num_double: int, num_single: int, field: str = "mem
             continue
         lo, dash, hi = part.partition("-")
         if not (lo.isdigit() and (hi.isdigit() or not dash)):
-            raise ConfigError(field, spec, "use all, double, single, none, or indices / ranges such as 0-3,7")
+            raise ConfigError(field, spec, f"use {', '.join(named)}, none, or indices / ranges such as 0-3,7")
         first, last = int(lo), int(hi or lo)
         if not first <= last < total:
-            raise ConfigError(
-                field, spec, f"block indices run from 0 to {total - 1} ({num_double} dual + {num_single})"
-            )
+            counts = " + ".join(f"{n} {k}" for k, n in groups.items())
+            raise ConfigError(field, spec, f"block indices run from 0 to {total - 1} ({counts})")
         chosen.update(range(first, last + 1))
     return chosen
 
@@ -96,31 +90,29 @@ class RecomputedCore(nn.Module):
         return checkpoint(self.inner, q_BNLDh, k_BNLDh, v_BNLDh, text_mask_BT, use_reentrant=False)
 
 
-def recompute_region(block: nn.Module, region: str) -> None:
-    """Selective recompute of one region (`attn` or `mlp`) of a dual- or single-stream block."""
+def recompute_region(block: nn.Module, region: str, regions: Regions) -> None:
+    """Selective recompute of one region of a block, from the model's `regions` table; "attn" also recomputes the
+    block's attention core (its `attn_core` seam)."""
     kind = type(block).__name__
-    table = next((REGIONS[k] for k in REGIONS if k == kind or kind.endswith(k)), None)  # FSDP renames the class
+    table = next((regions[k] for k in regions if k == kind or kind.endswith(k)), None)  # FSDP renames the class
     if table is None:
-        raise ValueError(f"selective recompute knows {sorted(REGIONS)}, not {kind}")
+        raise ValueError(f"selective recompute knows {sorted(regions)}, not {kind}")
     for name in table[region]:
         checkpoint_module(getattr(block, name))
     if region == "attn" and not isinstance(block.attn_core, RecomputedCore):
         block.attn_core = RecomputedCore(block.attn_core)
 
 
-def apply_recompute(model: nn.Module, mode: str, blocks: str = "all", selective: str = "attn") -> list[int]:
-    """Apply recompute `mode` (none | selective | full) to the blocks of `blocks`; returns the chosen indices."""
+def apply_recompute(blocks: list[nn.Module], chosen: list[int], mode: str, selective: str, regions: Regions) -> None:
+    """Apply recompute `mode` (none | selective | full) to `blocks[i]` for i in `chosen`."""
     if mode not in RECOMPUTE_MODES:
         raise ConfigError("memory.recompute", mode, f"choose one of {list(RECOMPUTE_MODES)}")
     if selective not in SELECTIVE_REGIONS:
         raise ConfigError("memory.selective", selective, f"choose one of {list(SELECTIVE_REGIONS)}")
     if mode == "none":
-        return []
-    chosen = sorted(select_blocks(blocks, len(model.double_blocks), len(model.single_blocks)))
-    all_blocks = dit_blocks(model)
+        return
     for i in chosen:
         if mode == "full":
-            checkpoint_module(all_blocks[i])
+            checkpoint_module(blocks[i])
         else:
-            recompute_region(all_blocks[i], selective)
-    return chosen
+            recompute_region(blocks[i], selective, regions)

@@ -1,34 +1,14 @@
-"""Tensor + sequence parallel plans for the DiT, as small tables of DTensor parallel styles per block type.
+"""Tensor + sequence parallel mechanisms: the DTensor parallel styles a model's plan table is built from.
 
-Shape legend: B batch, V video tokens, T text tokens, L = V + T, D model dim, N heads, Dh head dim, M MLP hidden,
-tp the TP degree. "local" = this TP rank's piece.
+A model's own tables (which linear is column / row, where tokens are gathered) and the reasoning behind them live
+beside it (vidtron/models/dit/sharding.py); this file names no model attribute. Styles: `col` (Replicate in ->
+local [.., out/tp]), `row` (-> all-reduce -> replicated), `row_sp` (-> reduce-scatter -> token shard), `gather_tokens`
+(token shard -> all tokens, kept a DTensor), `head_norm` (per-head norms on local heads), `ModulationParallel` (a
+column-sharded modulation linear whose small output is all-gathered forward and reduce-scattered backward, for
+vectors that multiply token shards), `ReplicateParallel` (parameters as TP-replicated DTensors, local tensors in and
+out); plus `replicate_rest` and `reduce_partial_grads`.
 
-TP (Megatron column / row pairs): q, k, v and the MLP's first linear are column-parallel (each rank computes N/tp
-whole heads and M/tp hidden features), the attention output and the MLP's second linear are row-parallel (partial
-sums over the local heads / hidden, then reduced). qk RMSNorm is per head, so it runs on the local heads with no
-communication (`SequenceParallel(sequence_dim=2)`: its weight is replicated, its gradient reduced). The
-single-stream block's output linear takes [attention, MLP hidden] in the interleaved column order of
-`blocks.interleave_attn_mlp`, so it is one ordinary row-parallel linear whose contiguous column shard matches the
-local heads and local MLP features for every tp that divides N and M.
-
-SP (between the TP regions of the dual- and single-stream blocks): the residual streams, the LayerNorms, the adaLN
-modulation and the gated residual adds work on a token shard `[B, L_s/tp, D]` of each stream, video AND text
-(text padded to a multiple of tp; see context_wrap.py for the token layout). Entering a TP region all-gathers each
-stream's tokens (`PrepareModuleInput` Shard(1) -> Replicate); leaving it reduce-scatters (`RowwiseParallel` with
-`output_layouts=Shard(1)`), so SP costs the same bytes as plain TP's all-reduce. The single-stream block gathers /
-reduce-scatters at its `join` / `split` seams, one collective per stream, keeping [video; text] order.
-
-Gradient conventions (what makes the pieces compose):
-- an activation replicated over TP has its FULL gradient on every TP rank; a token-sharded one the full gradient of
-  its own tokens (DTensor's redistribute semantics);
-- a modulation vector `[B, k*D]` is replicated but multiplies token shards, so each rank's gradient of it is a
-  partial sum: `ModulationParallel` keeps the modulation weight column-sharded, all-gathers the small vector in
-  forward and reduce-scatters its partial gradient in backward (never the weight's gradient);
-- every other parameter outside the TP linears (patch embedding, conditioning MLPs, refiner norms and gates, final
-  layer) becomes a TP-replicated DTensor with local tensors in and out (`ReplicateParallel`), so the optimizer,
-  gradient clipping, FSDP2 and DCP see one kind of parameter on one mesh.
-
-The token refiner runs on the full (replicated) text: plain TP, no SP.
+Shape legend: B batch, L tokens, D model dim, tp the TP degree. "local" = this TP rank's piece.
 """
 
 from __future__ import annotations
@@ -41,15 +21,13 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     ParallelStyle,
     PrepareModuleInput,
-    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
-    parallelize_module,
 )
 
-# Every rank builds the same full model from the run seed (DiTTextToVideo.build_model), as FSDP2 also assumes, so
-# sharding slices the local copy instead of scattering rank 0's (saves one collective per parameter at start-up).
-_SRC = None
+# Every rank builds the same full model from the run seed, as FSDP2 also assumes, so sharding slices the local
+# copy instead of scattering rank 0's (saves one collective per parameter at start-up).
+SRC_DATA_RANK = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -76,7 +54,9 @@ class ReplicateParallel(ParallelStyle):
     @staticmethod
     def _replicate_params(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
         for p_name, param in list(module.named_parameters(recurse=False)):
-            replicated = DTensor.from_local(param.data, mesh, (Replicate(),), run_check=False)  # no comm: see _SRC
+            replicated = DTensor.from_local(
+                param.data, mesh, (Replicate(),), run_check=False
+            )  # no comm: see SRC_DATA_RANK
             module.register_parameter(p_name, nn.Parameter(replicated, requires_grad=param.requires_grad))
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -99,110 +79,34 @@ class ModulationParallel(ColwiseParallel):
         return outputs.to_local(grad_placements=(Partial(),))
 
 
-def _col() -> ParallelStyle:
+def col() -> ParallelStyle:
     return ColwiseParallel()  # Replicate in -> local [.., out/tp]
 
 
-def _row_sp() -> ParallelStyle:
+def row_sp() -> ParallelStyle:
     return RowwiseParallel(output_layouts=Shard(1))  # local [.., in/tp] -> reduce-scatter -> local token shard
 
 
-def _row() -> ParallelStyle:
+def row() -> ParallelStyle:
     return RowwiseParallel()  # local [.., in/tp] -> all-reduce -> replicated
 
 
-def _gather_tokens() -> ParallelStyle:
+def gather_tokens() -> ParallelStyle:
     """Token shard -> all tokens, kept as a DTensor so q, k, v share one gather and one reduce-scatter."""
     return PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=False)
 
 
-def _head_norm() -> ParallelStyle:
+def head_norm() -> ParallelStyle:
     return SequenceParallel(sequence_dim=2, use_local_output=True)  # qk RMSNorm on [B, L, N/tp, Dh]
 
 
-def _modulation() -> ParallelStyle:
+def modulation() -> ParallelStyle:
     return ModulationParallel()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the plans: module path inside one block -> style
-# ---------------------------------------------------------------------------------------------------------------
-def _attention_plan(prefix: str, out: bool) -> dict[str, ParallelStyle]:
-    plan = {f"{prefix}.{n}": _col() for n in ("q", "k", "v")}
-    plan |= {f"{prefix}.q_norm": _head_norm(), f"{prefix}.k_norm": _head_norm()}
-    if out:
-        plan[f"{prefix}.o"] = _row_sp()
-    return plan
-
-
-def _sp_mlp_plan(prefix: str) -> dict[str, ParallelStyle]:
-    return {prefix: _gather_tokens(), f"{prefix}.fc1": _col(), f"{prefix}.fc2": _row_sp()}
-
-
-def double_block_plan() -> dict[str, ParallelStyle]:
-    """Dual-stream block: per stream, gather tokens -> q/k/v colwise -> joint attention -> o rowwise -> reduce-
-    scatter; gather -> fc1 colwise -> fc2 rowwise -> reduce-scatter. Modulation replicated (gradient reduced)."""
-    plan: dict[str, ParallelStyle] = {}
-    for stream in ("img", "txt"):
-        plan[f"{stream}_attn"] = _gather_tokens()
-        plan |= _attention_plan(f"{stream}_attn", out=True)
-        plan |= _sp_mlp_plan(f"{stream}_mlp")
-        plan[f"{stream}_mod"] = _modulation()
-    return plan
-
-
-def single_block_plan() -> dict[str, ParallelStyle]:
-    """Single-stream block: join gathers both streams' tokens ([video; text], one all-gather each); q/k/v and
-    mlp_in colwise; out rowwise over the interleaved [attention, MLP] columns, left as partial sums; split
-    reduce-scatters each stream back to its token shard."""
-    return {
-        "join": PrepareModuleInput(
-            input_layouts=(Shard(1), Shard(1)),
-            desired_input_layouts=(Replicate(), Replicate()),
-            use_local_output=False,
-        ),
-        **_attention_plan("attn", out=False),
-        "mlp_in": _col(),
-        "out": RowwiseParallel(output_layouts=Partial(), use_local_output=False),
-        "split": PrepareModuleOutput(
-            output_layouts=(Partial(), Partial()),
-            desired_output_layouts=(Shard(1), Shard(1)),
-            use_local_output=True,
-        ),
-        "mod": _modulation(),
-    }
-
-
-def refiner_block_plan() -> dict[str, ParallelStyle]:
-    """Refiner block (replicated text, no SP): q/k/v colwise from one replicated input, o rowwise; fc1 colwise,
-    fc2 rowwise (all-reduce). Norms and gates are replicated by `replicate_rest`."""
-    return {
-        "attn": PrepareModuleInput(
-            input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),), use_local_output=False
-        ),
-        "attn.q": _col(),
-        "attn.k": _col(),
-        "attn.v": _col(),
-        "attn.o": _row(),
-        "mlp.fc1": _col(),
-        "mlp.fc2": _row(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # applying them
 # ---------------------------------------------------------------------------------------------------------------
-def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
-    """Apply the block plans to every dual, single and refiner block of a DiT, then replicate the rest."""
-    for block in model.double_blocks:
-        parallelize_module(block, tp_mesh, double_block_plan(), src_data_rank=_SRC)
-    for block in model.single_blocks:
-        parallelize_module(block, tp_mesh, single_block_plan(), src_data_rank=_SRC)
-    for block in model.text_refiner.blocks:
-        parallelize_module(block, tp_mesh, refiner_block_plan(), src_data_rank=_SRC)
-    replicate_rest(model, tp_mesh)
-
-
 def replicate_rest(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Every module that still owns plain (non-DTensor) parameters gets `ReplicateParallel`."""
     for module in list(model.modules()):

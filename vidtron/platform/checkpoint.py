@@ -1,27 +1,31 @@
-"""Atomic, reshardable DCP checkpoints with a manifest, and safe loading.
+"""Atomic, reshardable DCP checkpoints with manifests, and safe loading.
 
 Layout of `<run_dir>/checkpoints/`:
     step_000010/            committed (renamed from step_000010.tmp/ only after every rank finished)
-        __*.distcp .metadata   DCP shards: model + optimizer state, resharded by parameter name on load
+        __<r>_*.distcp .metadata   DCP shards: model + optimizer (+ extra) state, resharded by name on load
         rng/rank_<r>.safetensors   each rank's RNG states
-        manifest.json       step, layout, config, config hash, data position, sha256 of every file
+        manifests/rank_<r>.json    written by rank r: sha256 and size of each file rank r wrote
+        manifest.json       step, layout, config, config hash, data position, sha256 of each rank's manifest
     step_000020.tmp/        torn (a crash mid-save): never resumed, removed by the next save
 
+Hashing scales with the ranks: each rank hashes the files it wrote, in parallel, and rank 0 commits a manifest of
+those manifests (vidtron/platform/manifest.py); at resume every rank verifies a share of the files and the ranks
+agree on the newest checkpoint all of them found intact.
+
 Async saves (`save_checkpoint_async`, `Checkpointer(async_save=True)`) stall only for a CPU staging copy; DCP
-writes in a background thread and the same commit (manifest, then rename) follows once the write is done.
+writes in a background thread, each rank then hashes its files in that thread, and rank 0 commits once every
+rank's manifest is on disk (no collective outside DCP's own, which run on a dedicated group).
 
 Loading never runs an unrestricted unpickler: DCP's `.metadata` (a pickle) is read with an allowlist of
 DCP's own metadata classes, DCP's byte items go through `torch.load(weights_only=True)`, and every file's
-sha256 is checked against the manifest first; a checkpoint that fails the check is skipped with a warning
+sha256 is checked against the manifests first; a checkpoint that fails the check is skipped with a warning
 and the previous one is used.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 import pickle
 import shutil
 import time
@@ -33,12 +37,22 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+from vidtron.errors import DataError
 from vidtron.platform.distributed import DistContext, barrier, broadcast_object
-from vidtron.platform.errors import DataError
+from vidtron.platform.manifest import (
+    MANIFEST,
+    commit_manifest,
+    fsync_dir,
+    verify_share,
+    wait_for_rank_manifests,
+    write_rank_manifest,
+)
 
-MANIFEST = "manifest.json"
+__all__ = ["MANIFEST", "Checkpointer", "SafeFileSystemReader", "latest_valid_checkpoint", "load_checkpoint"]
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 _SAFE_PICKLE_MODULES = ("torch.distributed.checkpoint.", "collections", "torch.serialization")
 _SAFE_TORCH_NAMES = {"Size", "device", "layout", "memory_format"}
@@ -46,6 +60,18 @@ _SAFE_PLAIN = {("builtins", n) for n in ("set", "frozenset", "slice")} | {
     ("pathlib", "PosixPath"),
     ("pathlib", "PurePosixPath"),
 }
+_RESERVED = ("model", "optim")  # top-level DCP keys an `extra` entry may not take
+MANIFEST_TIMEOUT_S = 600.0  # async commit: how long rank 0 waits for the other ranks' manifests
+
+
+def _save_planner() -> DefaultSavePlanner:
+    """DCP's default planner, keeping ShardedTensors (DeepSpeed's local slices) that have no shard on this rank:
+    flattening would drop them, and at load the missing keys would send DCP into its pre-2.4 key format."""
+    return DefaultSavePlanner(flatten_sharded_tensors=False)
+
+
+def _load_planner() -> DefaultLoadPlanner:
+    return DefaultLoadPlanner(flatten_sharded_tensors=False)
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -80,31 +106,6 @@ def _step_dir(run_dir: str | Path, step: int) -> Path:
     return checkpoint_dir(run_dir) / f"step_{step:06d}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _rng_state() -> dict[str, torch.Tensor]:
     state = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -137,27 +138,76 @@ def _begin_save(run_dir, step: int, ctx: DistContext) -> tuple[Path, Path]:
 
 def _state_dicts(model, optimizer) -> tuple[dict, dict]:
     """(model, optimizer) state dicts by parameter name: torch's `get_state_dict` (FSDP2 / DTensor / plain), or
-    the full-tensor state of an optimizer that keeps its own partitions (DeepSpeed ZeRO: `checkpoint_state`)."""
+    the state of an optimizer that keeps its own partitions (DeepSpeed ZeRO: `checkpoint_state`, local shards)."""
     own = getattr(optimizer, "checkpoint_state", None)
     return own() if own is not None else get_state_dict(model, optimizer)
 
 
+def _full_state(model, optimizer, extra: dict[str, dict] | None) -> dict:
+    """The DCP state dict: {"model", "optim", **extra}; each extra entry a state dict of tensors / DTensors."""
+    extra = extra or {}
+    for key, value in extra.items():
+        if key in _RESERVED or not isinstance(value, dict):
+            raise ValueError(
+                f"extra[{key!r}]: each extra entry must be a dict (a state dict) under a key other than {_RESERVED}"
+            )
+    model_sd, optim_sd = _state_dicts(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd, **extra}
+
+
+def _sharded_tensors(state) -> list[ShardedTensor]:
+    if isinstance(state, dict):
+        return [st for value in state.values() for st in _sharded_tensors(value)]
+    return [state] if isinstance(state, ShardedTensor) else []
+
+
+def _async_writer(state: dict, tmp: Path):
+    """None (DCP's default stager), or for a state with ShardedTensors (DeepSpeed's local slices, which the default
+    stager cannot copy) a FileSystemWriter, whose own stager can; each CPU local shard first gets its own storage,
+    since that stager deep-copies a shard and a deep copy of a view copies the whole flat partition under it."""
+    sharded = _sharded_tensors(state)
+    for shard in (shard for st in sharded for shard in st.local_shards()):
+        t = shard.tensor
+        if t.device.type == "cpu" and t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            shard.tensor = t.clone()
+    return dcp.FileSystemWriter(str(tmp)) if sharded else None
+
+
+def _commit(tmp: Path, final: Path, step: int, meta: dict, world_size: int, extra_keys: list[str]) -> None:
+    """Rank 0, once every rank's manifest is written: the top manifest, then the rename (the commit point)."""
+    commit_manifest(tmp, step, meta, world_size, extra_keys)
+    fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.replace(final)
+    fsync_dir(final.parent)
+
+
 def save_checkpoint(
-    run_dir, step: int, model, optimizer, meta: dict, ctx: DistContext, keep_last: int = 3, hooks=None
+    run_dir,
+    step: int,
+    model,
+    optimizer,
+    meta: dict,
+    ctx: DistContext,
+    keep_last: int = 3,
+    hooks=None,
+    extra: dict[str, dict] | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the committed folder.
 
+    `extra` adds top-level DCP keys (e.g. {"ema": ema_state_dict}), saved like the model and resharded by name.
     `hooks` (e.g. a FaultInjector) gets `before_commit(step)` once the files are written and, on rank 0,
     `after_commit(step, path)` once committed.
     """
     tmp, final = _begin_save(run_dir, step, ctx)
-    model_sd, optim_sd = _state_dicts(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    dcp.save(_full_state(model, optimizer, extra), checkpoint_id=str(tmp), planner=_save_planner())
     if hooks is not None:
         hooks.before_commit(step)
+    write_rank_manifest(tmp, ctx.rank)  # every rank hashes its own files, in parallel
     barrier(ctx)
     if ctx.is_main:
-        _commit(tmp, final, step, meta)
+        _commit(tmp, final, step, meta, ctx.world_size, sorted(extra or {}))
         _prune(run_dir, keep_last)
         if hooks is not None:
             hooks.after_commit(step, final)
@@ -166,22 +216,27 @@ def save_checkpoint(
 
 
 class PendingCheckpoint:
-    """An async save in flight: DCP writes the staged copy in a background thread, then (rank 0) a second
-    background thread commits it (checksums, manifest, rename); `finish()` waits for both."""
+    """An async save in flight: DCP writes the staged copy in a background thread, then a second background thread
+    on every rank hashes that rank's files and, on rank 0, waits for every rank's manifest and commits (top
+    manifest, rename). `finish()` waits for this rank's part (rank 0: the commit)."""
 
-    def __init__(self, future, tmp: Path, final: Path, step: int, meta: dict, run_dir, keep_last: int, ctx, hooks):
+    def __init__(self, future, tmp: Path, final: Path, step: int, meta: dict, run_dir, keep_last: int, ctx, hooks,
+                 extra_keys: list[str] | None = None, timeout_s: float = MANIFEST_TIMEOUT_S):  # fmt: skip
         self.future, self.tmp, self.final, self.step, self.meta = future, tmp, final, step, meta
         self.run_dir, self.keep_last, self.ctx, self.hooks = run_dir, keep_last, ctx, hooks
+        self.extra_keys, self.timeout_s = extra_keys or [], timeout_s
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vidtron-commit")
         self._committed = self._committer.submit(self._commit_when_written)
         self._committer.shutdown(wait=False)
 
     def _commit_when_written(self) -> Path:
-        """No collective: DCP's gather inside the write means rank 0's write ends only after every rank's files
-        are on disk, so rank 0 commits as soon as its own write is done."""
+        """No collective: this rank's files are on disk once its DCP write is done; rank 0 learns that the others
+        are done from their manifest files."""
         self.future.result()
+        write_rank_manifest(self.tmp, self.ctx.rank)
         if self.ctx.is_main:
-            _commit(self.tmp, self.final, self.step, self.meta)
+            wait_for_rank_manifests(self.tmp, self.ctx.world_size, self.timeout_s)
+            _commit(self.tmp, self.final, self.step, self.meta, self.ctx.world_size, self.extra_keys)
             _prune(self.run_dir, self.keep_last)
             if self.hooks is not None:
                 self.hooks.after_commit(self.step, self.final)
@@ -191,24 +246,37 @@ class PendingCheckpoint:
         return self._committed.done()
 
     def finish(self) -> Path:
-        """Wait for the write and the commit (re-raising a failure of either)."""
+        """Wait for the write, the hashing and (rank 0) the commit, re-raising a failure of any."""
         return self._committed.result()
 
 
 def save_checkpoint_async(
-    run_dir, step: int, model, optimizer, meta: dict, ctx: DistContext, keep_last: int = 3, hooks=None, group=None
+    run_dir,
+    step: int,
+    model,
+    optimizer,
+    meta: dict,
+    ctx: DistContext,
+    keep_last: int = 3,
+    hooks=None,
+    group=None,
+    extra: dict[str, dict] | None = None,
 ) -> PendingCheckpoint:
-    """Collective: stage model + optimizer state to a CPU copy (the only stall), then write it in the background.
+    """Collective: stage model + optimizer (+ extra) state to a CPU copy (the only stall), then write it in the
+    background.
 
     `group` is a process group kept for DCP's background collectives (a second gloo group, so they never
     interleave with the training ones). Call `finish()` on every rank before the next save and before exit.
     """
     tmp, final = _begin_save(run_dir, step, ctx)
-    model_sd, optim_sd = _state_dicts(model, optimizer)
-    future = dcp.async_save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), process_group=group)
+    state = _full_state(model, optimizer, extra)
+    writer = _async_writer(state, tmp)
+    future = dcp.async_save(
+        state, checkpoint_id=str(tmp), storage_writer=writer, planner=_save_planner(), process_group=group
+    )
     if hooks is not None:
         hooks.before_commit(step)  # the write is in flight: a crash here leaves a torn step_N.tmp/
-    return PendingCheckpoint(future, tmp, final, step, meta, run_dir, keep_last, ctx, hooks)
+    return PendingCheckpoint(future, tmp, final, step, meta, run_dir, keep_last, ctx, hooks, sorted(extra or {}))
 
 
 class Checkpointer:
@@ -221,14 +289,14 @@ class Checkpointer:
         self.pending: PendingCheckpoint | None = None
         self.stalls_s: list[float] = []  # time the step loop spent in each save call
 
-    def save(self, step: int, model, optimizer, meta: dict) -> None:
+    def save(self, step: int, model, optimizer, meta: dict, extra: dict[str, dict] | None = None) -> None:
         t0 = time.perf_counter()
         self.wait()
+        args = (self.run_dir, step, model, optimizer, meta, self.ctx, self.keep_last, self.hooks)
         if self.async_save:
-            args = (self.run_dir, step, model, optimizer, meta, self.ctx, self.keep_last, self.hooks, self.group)
-            self.pending = save_checkpoint_async(*args)
+            self.pending = save_checkpoint_async(*args, group=self.group, extra=extra)
         else:
-            save_checkpoint(self.run_dir, step, model, optimizer, meta, self.ctx, self.keep_last, self.hooks)
+            save_checkpoint(*args, extra=extra)
         self.stalls_s.append(time.perf_counter() - t0)
 
     def poll(self) -> None:
@@ -239,17 +307,6 @@ class Checkpointer:
         pending, self.pending = self.pending, None
         if pending is not None:
             pending.finish()
-
-
-def _commit(tmp: Path, final: Path, step: int, meta: dict) -> None:
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {"step": step, **meta, "files": {str(p.relative_to(tmp)): _sha256(p) for p in files}}
-    _write_json_atomic(tmp / MANIFEST, manifest)
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
 
 
 def _prune(run_dir, keep_last: int) -> None:
@@ -268,60 +325,81 @@ def committed_checkpoints(run_dir) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
-def verify(path: Path) -> str | None:
-    """None when every file matches the manifest; otherwise what is wrong."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as err:
-        return f"manifest unreadable ({err})"
-    for rel, digest in manifest.get("files", {}).items():
-        f = path / rel
-        if not f.exists():
-            return f"{rel} is missing"
-        if _sha256(f) != digest:
-            return f"{rel} fails its sha256 check"
-    return None
+def verify(path: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """None when every file (or, with `rank` / `world_size`, this rank's share of them) matches the manifests;
+    otherwise what is wrong. Reads both manifest formats (per-rank manifests, and the older flat `files` map)."""
+    return verify_share(Path(path), rank, world_size)
+
+
+def _first_problem(problem: str | None, ctx: DistContext) -> str | None:
+    """Collective: the first problem any rank found (None when every rank's share is intact)."""
+    if not ctx.distributed:
+        return problem
+    found: list = [None] * ctx.world_size
+    dist.all_gather_object(found, problem)
+    return next((f"{p} (found by rank {r})" for r, p in enumerate(found) if p is not None), None)
 
 
 def latest_valid_checkpoint(run_dir, ctx: DistContext, on_skip=None) -> Path | None:
-    """Rank 0 picks the newest committed checkpoint that passes its checksums; every rank gets the answer."""
-    choice = None
-    if ctx.is_main:
-        for path in reversed(committed_checkpoints(run_dir)):
-            problem = verify(path)
-            if problem is None:
-                choice = str(path)
-                break
+    """Collective: the newest committed checkpoint whose files every rank found intact (each rank checks a share,
+    in parallel); damaged ones are skipped with a warning and `on_skip(path, problem)` on rank 0."""
+    candidates = [str(p) for p in committed_checkpoints(run_dir)] if ctx.is_main else None
+    for path in map(Path, reversed(broadcast_object(candidates, ctx))):
+        problem = _first_problem(verify(path, ctx.rank, ctx.world_size), ctx)
+        if problem is None:
+            return path
+        if ctx.is_main:
             warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to the previous one", stacklevel=2)
             if on_skip:
                 on_skip(path, problem)
-    choice = broadcast_object(choice, ctx)
-    return Path(choice) if choice else None
+    return None
 
 
 def read_manifest(path: Path) -> dict:
     return json.loads((Path(path) / MANIFEST).read_text())
 
 
-def load_checkpoint(path: Path, model, optimizer, ctx: DistContext) -> dict:
-    """Load model + optimizer (resharding to this layout as needed) and this rank's RNG; return the manifest."""
-    path = Path(path)
-    model_sd, optim_sd = _state_dicts(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
+def _saved_extras(reader: SafeFileSystemReader, keys) -> set[str]:
+    """The `extra` keys that a checkpoint holds (from DCP's metadata, whatever the manifest says)."""
+    saved = reader.read_metadata().state_dict_metadata
+    return {k for k in keys if any(name == k or name.startswith(f"{k}.") for name in saved)}
+
+
+def load_checkpoint(
+    path: Path, model, optimizer, ctx: DistContext, extra: dict[str, dict] | None = None, extra_optional: bool = False
+) -> dict:
+    """Load model + optimizer (resharding to this layout as needed) and this rank's RNG; return the manifest.
+
+    Each `extra` entry (e.g. {"ema": ema_state_dict}) is loaded in place from the top-level key of that name. A key
+    the checkpoint lacks raises DataError, unless `extra_optional`: then it is left as it is and listed in the
+    returned manifest's "extra_missing".
+    """
+    path, extra = Path(path), extra or {}
+    reader = SafeFileSystemReader(str(path))
+    present = _saved_extras(reader, extra) if extra else set()
+    missing = sorted(set(extra) - present)
+    if missing and not extra_optional:
+        raise DataError(
+            f"checkpoint {path} has no {missing} state (saved with extra={sorted(read_manifest(path).get('extra', []))}"
+            "); pass extra_optional=True to start those from their current values"
+        )
+    state = _full_state(model, optimizer, {k: v for k, v in extra.items() if k in present})
+    dcp.load(state, storage_reader=reader, planner=_load_planner())
     if hasattr(optimizer, "load_checkpoint_state"):
         optimizer.load_checkpoint_state(state["model"], state["optim"])
     else:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     _restore_rng(path / "rng" / f"rank_{ctx.rank}.safetensors")
-    return read_manifest(path)
+    manifest = read_manifest(path)
+    return {**manifest, "extra_missing": missing} if extra else manifest
 
 
-def load_model_weights(path: Path, model) -> dict:
-    """Load only the model weights of a training checkpoint (e.g. for sampling), into any layout."""
+def load_model_weights(path: Path, model, root: str = "model") -> dict:
+    """Load only the model weights of a training checkpoint (e.g. for sampling), into any layout; `root` picks
+    the trained weights ("model") or their EMA ("ema", saved by trainer.ema_decay > 0)."""
     opts = StateDictOptions(strict=True)
     model_sd, _ = get_state_dict(model, [], options=opts)
-    state = {"model": model_sd}
+    state = {root: model_sd}
     dcp.load(state, storage_reader=SafeFileSystemReader(str(path)))
-    set_state_dict(model, [], model_state_dict=state["model"], optim_state_dict={}, options=opts)
+    set_state_dict(model, [], model_state_dict=state[root], optim_state_dict={}, options=opts)
     return read_manifest(path)

@@ -1,7 +1,9 @@
-"""Compose a typed TrainConfig from Hydra overrides (`key=value` strings), with one-line errors.
+"""Compose a typed config from Hydra overrides (`key=value` strings), with one-line errors.
 
-The schema (`TrainConfig`) is registered in Hydra's ConfigStore; `vidtron/recipes/conf/train.yaml` picks a
-recipe (`recipe=dit_t2v`) and a launcher (`launcher=local|torchrun`) from config groups.
+The recipe's schema (a TrainConfig subclass) and its yaml of defaults are registered in Hydra's ConfigStore (the
+schema as `train_schema`, the yaml as option `<recipe>` of the `recipe` group, package `_global_`);
+`vidtron/platform/conf/train.yaml` puts them together with a launcher (`launcher=local|torchrun|slurm|ray`).
+Which recipe: vidtron/recipes/registry.py (its `compose_config` is what commands call).
 """
 
 from __future__ import annotations
@@ -14,23 +16,30 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from vidtron.errors import ConfigError
 from vidtron.platform.config import TrainConfig
-from vidtron.platform.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "recipes" / "conf"
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _group_options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
 
 
-def _register_schema() -> None:
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+def _register(schema: type, recipe: str, defaults: Path) -> None:
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=schema)
+    store.store(group="recipe", name=recipe, node=OmegaConf.load(defaults), package="_global_")
 
 
-def compose_config(overrides: list[str]) -> TrainConfig:
-    """Return the validated TrainConfig for these overrides, or raise ConfigError with field, value and fix."""
-    _register_schema()
+def compose_config(
+    overrides: list[str], schema: type = TrainConfig, recipe: str = "", defaults: Path | None = None
+) -> TrainConfig:
+    """Return the validated `schema` instance for these overrides (the recipe's yaml `defaults` applied first), or
+    raise ConfigError with field, value and fix."""
+    if defaults is None:
+        raise ConfigError("recipe", recipe, "compose through vidtron.recipes.registry.compose_config")
+    _register(schema, recipe, Path(defaults))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vidtron.platform.errors import ConfigError
-from vidtron.recipes.vae.config import VAERecipeConfig
+from vidtron.errors import ConfigError
+from vidtron.models.dit.configs import check_frames
+from vidtron.models.text.config import TextConfig
+from vidtron.parallel.activation_memory import MemoryConfig
 
-RECIPES = ("dit_t2v", "vae")
-LAUNCHERS = ("local", "torchrun", "slurm", "ray")
+__all__ = ["MemoryConfig", "TextConfig", "TrainConfig"]  # MemoryConfig and TextConfig live with their owners
+LAUNCHERS = ("local", "torchrun", "slurm", "ray", "dryrun")
 
 
 @dataclass
 class ModelConfig:
     flavor: str = "dit-tiny"  # a name from vidtron.models.dit.configs.FLAVORS
-    init_from: str = ""  # optional diffusers-layout safetensors file (or folder) to start from
+    init_from: str = ""  # start from these weights: our safetensors, a diffusers folder, an original-HunyuanVideo
+    # .pt/safetensors, or a training checkpoint step_N folder (weights only); each rank reads only its slices
     num_heads: int = 0  # 0 = the flavor's; otherwise overrides it (width = num_heads * head_dim)
     head_dim: int = 0  # 0 = the flavor's
     num_double_blocks: int = -1  # -1 = the flavor's
@@ -36,25 +39,9 @@ class ModelConfig:
         return out
 
 
-@dataclass
-class TextConfig:
-    encoder: str = "byte"  # byte: built-in byte-token transformer (no downloads); hf: local LLM + CLIP paths
-    max_tokens: int = 32  # text tokens per caption (padded / truncated)
-    llm_path: str = ""  # local path of an LLM for encoder=hf
-    clip_path: str = ""  # local path of a CLIP text model for encoder=hf
-
-    def __post_init__(self) -> None:
-        if self.encoder not in ("byte", "hf"):
-            raise ConfigError("text.encoder", self.encoder, "choose 'byte' (built-in) or 'hf' (local paths)")
-        if self.max_tokens < 1:
-            raise ConfigError("text.max_tokens", self.max_tokens, "must be >= 1")
-
-
 def check_clip_shape(frames: int, height: int, width: int, names: tuple[str, str, str]) -> None:
     """Pixel clips must be 4k+1 frames (VAE 4x in time after the first frame) and 16-divisible (VAE 8x, patch 2)."""
-    if frames < 1 or (frames - 1) % 4:
-        near = 4 * ((max(frames, 1) - 1) // 4) + 1
-        raise ConfigError(names[0], frames, f"must be 4k+1 (e.g. {near} or {near + 4})")
+    check_frames(frames, names[0])
     for name, value in zip(names[1:], (height, width)):
         if value < 16 or value % 16:
             raise ConfigError(name, value, f"must be a positive multiple of 16 (e.g. {max(16, value // 16 * 16)})")
@@ -150,22 +137,48 @@ class TrainerConfig:
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir/checkpoints; never; or a checkpoint path
     stop_after_steps: int = 0  # stop (with a checkpoint) after this many steps in this process; 0 = run to the end
     log_every: int = 1  # steps between metric records
-    bf16: bool = False  # bf16 autocast for the model forward
+    precision: str = "fp32"  # fp32 | bf16: bf16 params and compute (FSDP2 MixedPrecisionPolicy + autocast) over
+    # fp32 master weights, optimizer state and gradient reduction
+    grad_accum: int = 1  # micro-batches per optimizer step: global batch = data.batch_size = micro x grad_accum x dp
+    ema_decay: float = 0.0  # EMA of the weights (sharded like them, checkpointed); 0 = off, e.g. 0.999
+    prefetch: int = 2  # batches prepared ahead in a background thread while the step runs; 0 = synchronous
+    compile: bool = False  # torch.compile each block (parallelize_dit step 4; inductor, also on CPU)
+    peak_tflops: float = 0.0  # per-rank peak for MFU; 0 = from the GPU's name (H100/H200/A100), none on CPU
     progress: bool = True  # a progress bar on rank 0 when stdout is a terminal
     async_checkpoint: bool = False  # DCP async_save: the step loop stalls only for the staging copy
     max_bad_steps: int = 3  # NaN/inf steps in a row (each skipped, no update) before a rollback to the last checkpoint
     max_rollbacks: int = 3  # rollbacks per process before the run fails with an error
+    skip_bad_batches: bool = True  # after a rollback, the batches of the NaN/inf streak are skipped (events.jsonl)
+    skip_batches: list[int] = field(default_factory=list)  # data cursors never to train (e.g. from events.jsonl)
     collective_timeout_s: float = 600.0  # a collective that waits longer fails the process (the launcher restarts it)
+    hang_timeout_s: float = 300.0  # a rank with no step progress this long reports itself (rank, host) and exits so
+    # the group restarts; well under collective_timeout_s; 0 = off. Counted from the end of the first step
+    straggler_ratio: float = 1.5  # a rank whose step takes longer than this x the median is logged as a straggler
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError("trainer.steps", self.steps, "must be >= 1")
         if self.max_bad_steps < 1:
             raise ConfigError("trainer.max_bad_steps", self.max_bad_steps, "must be >= 1")
+        if self.hang_timeout_s < 0 or self.straggler_ratio <= 1:
+            raise ConfigError("trainer.hang_timeout_s", self.hang_timeout_s, "must be >= 0; straggler_ratio > 1")
         if self.collective_timeout_s <= 0:
             raise ConfigError("trainer.collective_timeout_s", self.collective_timeout_s, "must be > 0 seconds")
         if self.checkpoint_every < 0:
             raise ConfigError("trainer.checkpoint_every", self.checkpoint_every, "must be >= 0 (0 = only at the end)")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError("trainer.precision", self.precision, "choose fp32 or bf16")
+        if self.grad_accum < 1:
+            raise ConfigError("trainer.grad_accum", self.grad_accum, "must be >= 1 (1 = no accumulation)")
+        if self.prefetch < 0 or self.peak_tflops < 0:
+            raise ConfigError("trainer.prefetch", self.prefetch, "prefetch depth and peak_tflops must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("trainer.ema_decay", self.ema_decay, "must be in [0, 1) (0 = no EMA; e.g. 0.999)")
+
+    @property
+    def bf16(self) -> bool:
+        """precision == "bf16" (read-only shorthand; set trainer.precision)."""
+        return self.precision == "bf16"
 
 
 @dataclass
@@ -218,12 +231,13 @@ class ParallelConfig:
 
 @dataclass
 class LauncherConfig:
-    kind: str = "local"  # local | torchrun | slurm | ray
+    kind: str = "local"  # local | torchrun | slurm | ray | dryrun (one simulated step, vidtron/tools/dryrun.py)
     nproc_per_node: int = 1  # processes per node (torchrun, ray workers; slurm takes the cluster config's)
     max_restarts: int = 0  # torchrun restarts of the whole group after a failure
     max_failures: int = 3  # ray: worker-group restarts (FailureConfig); slurm: job requeues after a failed step
     cluster: str = ""  # slurm / ray: a name in cluster_configs/ (or a .yaml path); ray without one runs locally
     dry_run: bool = False  # slurm: print the sbatch script instead of submitting it
+    world_size: int = 0  # dryrun: simulated ranks (e.g. 256); 0 = dp_replicate * dp_shard * cp * tp (dp_shard -1 = 1)
 
     def __post_init__(self) -> None:
         if self.kind not in LAUNCHERS:
@@ -232,6 +246,8 @@ class LauncherConfig:
             raise ConfigError("launcher.nproc_per_node", self.nproc_per_node, "must be >= 1")
         if self.max_restarts < 0 or self.max_failures < 0:
             raise ConfigError("launcher.max_failures", self.max_failures, "restart counts must be >= 0")
+        if self.world_size < 0:
+            raise ConfigError("launcher.world_size", self.world_size, "must be >= 0 (0 = the layout's product)")
         if self.kind == "slurm" and not self.cluster:
             raise ConfigError("launcher.cluster", self.cluster, "launcher=slurm needs a cluster_configs/<name>.yaml")
 
@@ -246,6 +262,7 @@ class FaultsConfig:
     corrupt_checkpoint: int = 0  # flip one byte of step N's committed checkpoint (its sha256 check fails); 0 = off
     nan_at_step: int = 0  # the loss of this step is NaN on every rank; 0 = off
     nan_steps: int = 1  # ... and of this many steps in a row
+    nan_sample: int = -1  # every batch holding this sample (its index in data.root) has a NaN loss; -1 = off
     hang_rank: int = 0  # the rank that hang_at_step stalls
     hang_at_step: int = 0  # hang_rank sleeps forever right after this step (peers hit the collective timeout); 0 = off
     step_delay_s: float = 0.0  # sleep after every step: widens the window for kills from outside (tests, benches)
@@ -267,43 +284,14 @@ class MetricsConfig:
 
 
 @dataclass
-class MemoryConfig:
-    """Activation memory policies of the DiT blocks (vidtron/parallel/recompute.py, offload.py). Block specs: all,
-    double, single, none / "", or indices and ranges over [dual-stream; single-stream] blocks joined by "," or "+"
-    (Hydra overrides need quotes around commas), e.g. "0-3+7"."""
-
-    recompute: str = "none"  # none | selective (one region per block, see `selective`) | full (whole blocks)
-    selective: str = "attn"  # recompute=selective: attn (q/k/v projections + attention core) | mlp (dual-stream MLPs)
-    recompute_blocks: str = "all"  # which blocks recompute applies to
-    offload_blocks: str = ""  # blocks whose saved activations go to host memory between forward and backward
-
-    def __post_init__(self) -> None:
-        if self.recompute not in ("none", "selective", "full"):
-            raise ConfigError("memory.recompute", self.recompute, "choose none, selective or full")
-        if self.selective not in ("attn", "mlp"):
-            raise ConfigError("memory.selective", self.selective, "choose attn or mlp")
-        for name in ("recompute_blocks", "offload_blocks"):
-            self._check_spec(name, str(getattr(self, name)))
-
-    @staticmethod
-    def _check_spec(name: str, value: str) -> None:
-        for part in value.replace("+", ",").replace(" ", "").split(","):
-            lo, dash, hi = part.partition("-")
-            ok = part in ("", "all", "double", "single", "none") or (lo.isdigit() and (hi.isdigit() or not dash))
-            if not ok:
-                fix = "use all, double, single, none, or ranges such as 0-3+7 (or quoted: '0-3,7')"
-                raise ConfigError(f"memory.{name}", value, fix)
-
-
-@dataclass
 class TrainConfig:
-    recipe: str = "dit_t2v"  # which recipe's task to train
+    """What every recipe's run has. A recipe's own config dataclass subclasses this and adds its sections (the DiT
+    recipes: model, text, flow; the VAE: vae); it is the schema of the recipe's Hydra group (recipes/registry.py)."""
+
+    recipe: str = "dit_t2v"  # which recipe's task to train (a name in vidtron/recipes/registry.py)
     run_dir: str = "runs/default"  # checkpoints, metrics.jsonl, events and wandb files go here
     seed: int = 0  # seeds init, data order, noise and timesteps
-    model: ModelConfig = field(default_factory=ModelConfig)
-    text: TextConfig = field(default_factory=TextConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -311,17 +299,10 @@ class TrainConfig:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
-    vae: VAERecipeConfig = field(default_factory=VAERecipeConfig)  # recipe=vae: losses, discriminator, curriculum
 
     def __post_init__(self) -> None:
-        if self.recipe not in RECIPES:
-            raise ConfigError("recipe", self.recipe, f"choose one of {list(RECIPES)}")
         if not self.run_dir:
             raise ConfigError("run_dir", self.run_dir, "give a folder, e.g. run_dir=runs/my_run")
-        if self.recipe == "vae" and self.parallel.zero.engine == "deepspeed":
-            raise ConfigError(
-                "parallel.zero.engine",
-                "deepspeed",
-                "recipe=vae trains two optimizers (VAE and discriminator), which the deepspeed engine does not; "
-                "use parallel.zero.engine=fsdp2 (ZeRO-2/3 via parallel.zero.stage)",
-            )
+        if self.trainer.grad_accum > 1 and self.parallel.zero.engine == "deepspeed":
+            fix = "gradient accumulation runs with parallel.zero.engine=fsdp2; or raise data.batch_size instead"
+            raise ConfigError("trainer.grad_accum", self.trainer.grad_accum, fix)

@@ -38,8 +38,8 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from vidtron.errors import ConfigError, DataError
 from vidtron.platform.checkpoint import MANIFEST, SafeFileSystemReader, verify
-from vidtron.platform.errors import ConfigError, DataError
 from vidtron.platform.export_models import (
     ALL_FORMATS,
     DIT,
@@ -51,7 +51,6 @@ from vidtron.platform.export_models import (
     export_model,
 )
 
-MODEL_PREFIX = "model."  # the trainer saves {"model": ..., "optim": ...}; DCP flattens to "model.<name>"
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS: dict[str, Format] = DIT.formats  # the DiT's; `export_models.ALL_FORMATS` names every model's
 
@@ -101,11 +100,12 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-def checkpoint_sources(ckpt: Path, prefix: str = "") -> dict[str, Source]:
+def checkpoint_sources(ckpt: Path, prefix: str = "", root: str = "model") -> dict[str, Source]:
     """Our parameter name -> shape and dtype, for every model tensor of a DCP checkpoint whose name starts with
-    `prefix` (stripped; "vae." picks a recipe=vae run's VAE); nothing is loaded."""
+    `prefix` (stripped; "vae." picks a recipe=vae run's VAE), under the top-level key `root` ("model", or "ema"
+    for the EMA weights); nothing is loaded."""
     metadata = SafeFileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
-    start = MODEL_PREFIX + prefix
+    start = f"{root}." + prefix
     return {
         fqn.removeprefix(start): Source(md.size, md.properties.dtype)
         for fqn, md in metadata.items()
@@ -147,12 +147,17 @@ def plan_shards(groups: list[Group], max_bytes: int) -> list[list[Group]]:
 
 
 def load_sources(
-    ckpt: Path, keys: list[str], sources: dict[str, Source], dtype: torch.dtype | None, prefix: str = ""
+    ckpt: Path,
+    keys: list[str],
+    sources: dict[str, Source],
+    dtype: torch.dtype | None,
+    prefix: str = "",
+    root: str = "model",
 ) -> StateDict:
     """Just these model tensors of the checkpoint (names without `prefix`), full (DCP reshards any saved layout),
     cast to `dtype`."""
     state = {prefix + k: torch.empty(sources[k].shape, dtype=dtype or sources[k].dtype) for k in keys}
-    dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(ckpt)))
+    dcp.load({root: state}, storage_reader=SafeFileSystemReader(str(ckpt)))
     return {k.removeprefix(prefix): v for k, v in state.items()}
 
 
@@ -254,9 +259,11 @@ def export_checkpoint(
     max_shard_bytes: int = 5 * 10**9,
     dtype: torch.dtype | None = None,
     check_files: bool = True,
+    weights: str = "model",
 ) -> ExportReport:
     """Export the model weights of the checkpoint `ckpt` (a DiT with `cfg`, or with a VAEConfig the VAE of a
-    recipe=vae checkpoint) to the folder `out` in `fmt`."""
+    recipe=vae checkpoint) to the folder `out` in `fmt`; `weights` = "model" or "ema" (the EMA of a run with
+    trainer.ema_decay > 0)."""
     ckpt, out = Path(ckpt), Path(out)
     model = export_model(cfg)
     spec = check_format(fmt, model)
@@ -264,14 +271,16 @@ def export_checkpoint(
     check_output(out)
     if check_files and (problem := verify(ckpt)) is not None:
         raise DataError(f"checkpoint {ckpt} is damaged ({problem}); export another one")
-    sources = checkpoint_sources(ckpt, model.prefix)
+    sources = checkpoint_sources(ckpt, model.prefix, weights)
+    if not sources and weights == "ema":
+        raise ConfigError("--weights", weights, f"{ckpt} has no EMA weights: train with trainer.ema_decay > 0")
     check_sources(sources, cfg, model)
     shards = plan_shards(plan_groups(spec, sources, dtype), max_shard_bytes)
     files = _shard_files(spec.weights, len(shards))
     peak = 0
     with staged_folder(out) as tmp:
         for shard, file in zip(shards, files):
-            loaded = load_sources(ckpt, [k for g in shard for k in g.sources], sources, dtype, model.prefix)
+            loaded = load_sources(ckpt, [k for g in shard for k in g.sources], sources, dtype, model.prefix, weights)
             tensors, held = convert_shard(spec, shard, loaded)
             peak = max(peak, held)
             _fsync_write(tmp / file, lambda p, t=tensors: save_file(t, str(p), metadata={"format": "pt"}))

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
+from vidtron.errors import ConfigError
 from vidtron.platform.config import FaultsConfig
-from vidtron.platform.errors import ConfigError
 from vidtron.platform.metrics import log_event
 
 
@@ -35,6 +35,7 @@ class FaultInjector:
         self.run_dir = Path(run_dir)
         names = ("kill_at_step", "kill_during_checkpoint", "corrupt_checkpoint", "nan_at_step", "hang_at_step")
         self._armed = {n for n in names if getattr(cfg, n) > 0 and not self._marker(n).exists()}
+        self._last_poisoned: int | None = None  # the step being poisoned (until after_step)
 
     def _marker(self, name: str) -> Path:
         return self.run_dir / "faults" / name
@@ -53,11 +54,18 @@ class FaultInjector:
     def _due(self, name: str, step: int, rank: int | None = None) -> bool:
         return name in self._armed and getattr(self.cfg, name) == step and (rank is None or rank == self.rank)
 
-    def poison(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        """NaN loss on every rank for steps nan_at_step .. nan_at_step + nan_steps - 1 (first attempt only)."""
+    def poison(self, loss: torch.Tensor, step: int, sample_keys=()) -> torch.Tensor:
+        """NaN loss on every rank for steps nan_at_step .. nan_at_step + nan_steps - 1 (first attempt only); every
+        loss of a poisoned step (each update phase of a multi-optimizer task) is NaN. A batch holding sample
+        `nan_sample` gives a NaN loss on the rank that holds it, every time (a persistently bad sample)."""
+        if self.cfg.nan_sample >= 0 and self.cfg.nan_sample in sample_keys:
+            return loss + float("nan")
         first = self.cfg.nan_at_step
+        if step == self._last_poisoned:
+            return loss + float("nan")
         if "nan_at_step" not in self._armed or not first <= step < first + self.cfg.nan_steps:
             return loss
+        self._last_poisoned = step
         if step == first + self.cfg.nan_steps - 1 and self.rank == 0:
             self._fire("nan_at_step", step)
         elif step == first + self.cfg.nan_steps - 1:
@@ -65,6 +73,7 @@ class FaultInjector:
         return loss + float("nan")
 
     def after_step(self, step: int) -> None:
+        self._last_poisoned = None
         if self.cfg.step_delay_s:
             time.sleep(self.cfg.step_delay_s)
         if self._due("kill_at_step", step, self.cfg.kill_rank):

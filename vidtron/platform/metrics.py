@@ -89,7 +89,9 @@ class MetricsLogger:
             self._wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         if self._bar is not None:
             self._bar.update(record["step"] - self._bar.n)
-            self._bar.set_postfix(loss=f"{record['loss']:.4f}")
+            extra = {"tok/s": f"{record['tokens_per_s']:.0f}"} if "tokens_per_s" in record else {}
+            extra |= {"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}
+            self._bar.set_postfix(loss=f"{record['loss']:.4f}", **extra)
 
     def close(self) -> None:
         if self._bar is not None:

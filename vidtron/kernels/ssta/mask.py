@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vidtron.errors import ConfigError
 from vidtron.kernels.ssta.tiles import Dims3, TileLayout, to_tiles
-from vidtron.platform.errors import ConfigError
 
 VIDEO_TILE, VIDEO_WINDOW = (6, 8, 8), (3, 3, 3)  # 384-token blocks, 27-tile window
 IMAGE_TILE, IMAGE_WINDOW = (1, 16, 24), (1, 1, 1)  # single frame: 384-token blocks, the tile itself only

@@ -24,7 +24,7 @@ from functools import cached_property
 import torch
 import torch.nn.functional as F
 
-from vidtron.platform.errors import ConfigError
+from vidtron.errors import ConfigError
 
 Dims3 = tuple[int, int, int]
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidtron.errors import ConfigError
+from vidtron.kernels.ssta.inputs import expand_inputs
 from vidtron.kernels.ssta.mask import (
     VIDEO_TILE,
     VIDEO_WINDOW,
@@ -25,38 +27,9 @@ from vidtron.kernels.ssta.mask import (
     sliding_tile_mask,
 )
 from vidtron.kernels.ssta.tiles import Dims3, TileLayout, from_tiles, key_valid_blocks, to_tiles
-from vidtron.platform.errors import ConfigError
 
 BACKENDS = ("torch", "triton")
 GATHER_BUDGET = 1 << 24  # elements of gathered K (and again of V) per chunk: 64 MiB each in fp32
-
-
-def _expand_inputs(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    block_mask: torch.Tensor,
-    key_valid: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check every shape (the Triton kernel would read out of bounds on a wrong one), then broadcast block_mask to
-    [B, N, nb_q, nb_k] and key_valid to [B, nb_k, bs] (bool)."""
-    B, N, nb_q, bs, Dh = q.shape
-    nb_k = k.shape[2]
-    for name, t in (("k", k), ("v", v)):
-        if t.shape != (B, N, nb_k, bs, Dh):
-            raise ConfigError(
-                f"block_sparse_attention {name} shape", tuple(t.shape), f"expected [B, N, {nb_k}, {bs}, {Dh}]"
-            )
-    if key_valid is None:
-        key_valid = torch.ones(nb_k, bs, dtype=torch.bool, device=q.device)
-    try:
-        mask = block_mask.to(device=q.device, dtype=torch.bool).expand(B, N, nb_q, nb_k)
-        valid = key_valid.to(device=q.device, dtype=torch.bool).expand(B, nb_k, bs)
-    except RuntimeError as err:
-        shapes = f"block_mask {tuple(block_mask.shape)}, key_valid {tuple(key_valid.shape)}"
-        want = f"block_mask broadcastable to [{B}, {N}, {nb_q}, {nb_k}], key_valid to [{B}, {nb_k}, {bs}]"
-        raise ConfigError("block_sparse_attention mask shapes", shapes, want) from err
-    return mask, valid
 
 
 def _flat_rows(mask_BNqk: torch.Tensor, nb_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -107,7 +80,7 @@ def block_sparse_attention_torch(
     """
     B, N, nb_q, bs, Dh = q_blocks.shape
     nb_k = k_blocks.shape[2]
-    mask_BNqk, valid_Bkbs = _expand_inputs(q_blocks, k_blocks, v_blocks, block_mask, key_valid)
+    mask_BNqk, valid_Bkbs = expand_inputs(q_blocks, k_blocks, v_blocks, block_mask, key_valid)
     kv_idx_RK, valid_idx_RK, count_R = _flat_rows(mask_BNqk, nb_k)
     q_R = q_blocks.reshape(-1, bs, Dh)  # [R, bs, Dh], R = B*N*nb_q
     k_flat, v_flat = k_blocks.reshape(-1, bs, Dh), v_blocks.reshape(-1, bs, Dh)  # [B*N*nb_k, bs, Dh]
@@ -197,6 +170,7 @@ class SSTAAttention(nn.Module):
         self.register_buffer("scatter_index", self.layout.scatter_index, persistent=False)  # [L]
         self.register_buffer("block_valid", self.layout.block_valid, persistent=False)  # [nb, bs]
         self.register_buffer("sliding", sliding_tile_mask(self.layout.grid, self.window), persistent=False)
+        self.last_density: torch.Tensor | None = None  # kept fraction of video-video block pairs, last call
 
     def extra_repr(self) -> str:
         lay = self.layout
@@ -217,6 +191,8 @@ class SSTAAttention(nn.Module):
         k_t = to_tiles(k_BNLDh, self.gather_index, lay)
         v_t = to_tiles(v_BNLDh, self.gather_index, lay)
         mask_BNnbnb = block_mask_from_tiles(q_t, k_t, lay, self.sliding, self.topk, self.lam)  # [B, N, nb, nb]
+        nv = lay.n_video_blocks
+        self.last_density = mask_BNnbnb[:, :, :nv, :nv].float().mean().detach()  # a statistic, no grad
         valid_Bnbbs = key_valid_blocks(self.block_valid, text_mask_BTt, lay)  # [B|1, nb, bs]
         out_t = block_sparse_attention(q_t, k_t, v_t, mask_BNnbnb, valid_Bnbbs, backend=self.backend)
         return from_tiles(out_t, self.scatter_index)  # [B, N, L, Dh]

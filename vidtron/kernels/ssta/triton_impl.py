@@ -21,8 +21,9 @@ import os
 
 import torch
 
+from vidtron.errors import ConfigError
+from vidtron.kernels.ssta.inputs import expand_inputs
 from vidtron.kernels.ssta.mask import kept_block_indices
-from vidtron.kernels.ssta.torch_impl import _expand_inputs
 
 try:
     import triton
@@ -109,6 +110,17 @@ def _pow2_at_least(n: int, lo: int = 16) -> int:
     return max(lo, 1 << (n - 1).bit_length())
 
 
+def _check_no_grad(*tensors: torch.Tensor) -> None:
+    """The kernel has no backward: refuse inputs autograd would track, instead of returning a detached result."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise ConfigError(
+            "ssta.backend",
+            "triton",
+            "is forward only and got inputs that require grad: run it under torch.no_grad() / torch.inference_mode()"
+            " (sampling), or use backend='torch' to train through SSTA",
+        )
+
+
 def _check_device(q: torch.Tensor) -> None:
     if triton is None:
         raise RuntimeError("ssta backend 'triton' needs triton: pip install 'triton==3.*' (or use backend='torch')")
@@ -126,11 +138,13 @@ def block_sparse_attention_triton(
     key_valid: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Triton backend of `block_sparse_attention` (same arguments and result; forward only, no autograd)."""
+    """Triton backend of `block_sparse_attention` (same arguments and result; forward only: inputs that require
+    grad, with grad mode on, raise ConfigError)."""
+    _check_no_grad(q_blocks, k_blocks, v_blocks)
     _check_device(q_blocks)
     B, N, nb_q, bs, Dh = q_blocks.shape
     nb_k = k_blocks.shape[2]
-    mask_BNqk, valid_Bkbs = _expand_inputs(q_blocks, k_blocks, v_blocks, block_mask, key_valid)
+    mask_BNqk, valid_Bkbs = expand_inputs(q_blocks, k_blocks, v_blocks, block_mask, key_valid)
     idx_BNqK, count_BNq = kept_block_indices(mask_BNqk)
     if idx_BNqK.shape[-1] == 0:  # nothing kept anywhere: keep one (never read) slot for a valid pointer
         idx_BNqK = torch.zeros(B, N, nb_q, 1, dtype=torch.long, device=q_blocks.device)

@@ -6,9 +6,28 @@ The field set mirrors diffusers' constructor arguments under our own names; `to_
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from vidtron.platform.errors import ConfigError
+from vidtron.errors import ConfigError
+
+# Geometry, pixel -> latent -> token, in one place. The autoencoders (the causal VAE and the stand-in) compress
+# (t, h, w) by LATENT_STRIDE, the first frame alone: 4k+1 pixel frames -> k+1 latent frames; the DiT then patches
+# latents by its (patch_size_t, patch_size, patch_size).
+LATENT_STRIDE = (4, 8, 8)
+
+
+def check_frames(frames: int, field: str, stride: int = LATENT_STRIDE[0]) -> None:
+    """Raise ConfigError unless `frames` is stride*k + 1 (the causal VAE's rule; 1 = an image)."""
+    if frames < 1 or (frames - 1) % stride:
+        near = stride * ((max(frames, 1) - 1) // stride) + 1
+        raise ConfigError(field, frames, f"must be {stride}k+1 (e.g. {near} or {near + stride})")
+
+
+def latent_shape(frames: int, height: int, width: int, stride: tuple[int, int, int] = LATENT_STRIDE):
+    """(f, h, w) latent grid of a (frames, height, width) pixel clip."""
+    return (1 + (frames - 1) // stride[0], height // stride[1], width // stride[2])
+
 
 # our field -> diffusers config key (all other diffusers keys are fixed or ignored)
 _DIFFUSERS_KEYS = {
@@ -90,6 +109,15 @@ class DiTConfig:
         """(t, h, w) patch."""
         return (self.patch_size_t, self.patch_size, self.patch_size)
 
+    def token_grid(self, latent_fhw: tuple[int, int, int]) -> tuple[int, int, int]:
+        """(f, h, w) latent grid -> (t, h, w) grid of video tokens after patchify."""
+        return tuple(n // p for n, p in zip(latent_fhw, self.patch))
+
+    def video_tokens(self, frames: int, height: int, width: int) -> int:
+        """Video tokens of a (frames, height, width) pixel clip: pixel -> latent -> token."""
+        t, h, w = self.token_grid(latent_shape(frames, height, width))
+        return t * h * w
+
 
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -114,6 +142,8 @@ FLAVORS: dict[str, DiTConfig] = {
         rope_axes_dim=(8, 12, 12),
     ),
 }
+# dit-tiny plus the guidance embedding: the student of recipe=dit_cfg_distill for a dit-tiny teacher
+FLAVORS["dit-tiny-guided"] = dataclasses.replace(FLAVORS["dit-tiny"], guidance_embeds=True)
 
 
 def to_diffusers_config(cfg: DiTConfig) -> dict:
@@ -140,3 +170,21 @@ def from_diffusers_config(d: dict) -> DiTConfig:
     if kwargs.get("out_channels") is None:  # diffusers: out_channels = out_channels or in_channels
         kwargs["out_channels"] = kwargs.get("in_channels", DiTConfig.in_channels)
     return DiTConfig(**kwargs)
+
+
+def dit_config(flavor: str, overrides: dict | None = None, field: str = "model.flavor") -> DiTConfig:
+    """The flavor's DiTConfig with `overrides` applied (head_dim changes rescale the RoPE axes)."""
+    if flavor not in FLAVORS:
+        raise ConfigError(field, flavor, f"choose one of {sorted(FLAVORS)}")
+    cfg = FLAVORS[flavor]
+    overrides = dict(overrides or {})
+    if "head_dim" in overrides and overrides["head_dim"] != cfg.head_dim:
+        overrides["rope_axes_dim"] = rope_axes_for(overrides["head_dim"])
+    return dataclasses.replace(cfg, **overrides)
+
+
+def rope_axes_for(head_dim: int) -> tuple[int, int, int]:
+    """Split head_dim over (t, h, w) RoPE axes like HunyuanVideo's (16, 56, 56) of 128: even parts, t ~ 1/8."""
+    t = max(2, (head_dim // 8) // 2 * 2)
+    hw = (head_dim - t) // 2 // 2 * 2
+    return (head_dim - 2 * hw, hw, hw)

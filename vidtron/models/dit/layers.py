@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidtron.platform.errors import ConfigError
+from vidtron.errors import ConfigError
 
 LN_EPS = 1e-6  # eps of every LayerNorm and RMSNorm in HunyuanVideo
 TIME_FREQ_DIM = 256  # width of the sinusoidal timestep / guidance features

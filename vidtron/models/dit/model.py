@@ -10,15 +10,16 @@ loaded through `state_dict_adapter.from_diffusers` the outputs match it to fp32 
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 from torch import nn
 
+from vidtron.errors import ConfigError
 from vidtron.models.dit.blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock
 from vidtron.models.dit.configs import DiTConfig
 from vidtron.models.dit.layers import ConditionEmbedding, RMSNorm, rope_cos_sin
 from vidtron.models.dit.refiner import TextRefiner
-from vidtron.platform.errors import ConfigError
 
 
 class DiT(nn.Module):
@@ -81,31 +82,47 @@ class DiT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """Initialise every parameter from torch's global RNG, in module order (deterministic under a seed):
-        xavier-uniform linears / patch conv with zero bias, N(0, 0.02) timestep and guidance MLPs, unit norms,
-        and adaLN-zero: every modulation / gate linear and the final projection start at zero."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Conv3d):
-                fan_out, fan_in = module.weight.shape[0], module.weight[0].numel()
-                bound = math.sqrt(6.0 / (fan_in + fan_out))
-                nn.init.uniform_(module.weight, -bound, bound)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm | RMSNorm):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        for embed in (self.cond_embed, self.text_refiner.cond_embed):
-            for mlp in (embed.time_mlp, embed.guidance_mlp):
-                if mlp is not None:
-                    nn.init.normal_(mlp.fc1.weight, std=0.02)
-                    nn.init.normal_(mlp.fc2.weight, std=0.02)
+    def init_weights(self, seed: int = 0) -> None:
+        """Fill every parameter in place from `init_function(seed)` (a plain, unsharded model)."""
+        init = self.init_function(seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                param.copy_(init(name, param.shape))
+
+    def init_function(self, seed: int = 0):
+        """(name, shape) -> the full initial tensor of parameter `name`, from a generator keyed by (seed, name), so
+        a parameter's value does not depend on the order of initialisation or on the parallel layout (see
+        vidtron/parallel/materialize.py): xavier-uniform linears / patch conv with zero bias, N(0, 0.02) timestep and
+        guidance MLPs, unit norms, and adaLN-zero: every modulation / gate linear and the final projection start at
+        zero. Works on a meta-device model (it reads only module types and names)."""
+        modules = dict(self.named_modules())
+        zero = {id(m) for m in self._zero_init_linears()}
+        normal = {id(m) for m in self._normal_init_linears()}
+
+        def init(name: str, shape: torch.Size) -> torch.Tensor:
+            owner_name, _, kind = name.rpartition(".")
+            owner = modules[owner_name]
+            if kind == "bias" or id(owner) in zero:  # constants: expanded scalars, no full-size allocation
+                return torch.zeros(()).expand(shape)
+            if isinstance(owner, nn.LayerNorm | RMSNorm):
+                return torch.ones(()).expand(shape)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            if id(owner) in normal:
+                return torch.empty(shape).normal_(0.0, 0.02, generator=gen)
+            fan_out, fan_in = shape[0], math.prod(shape[1:])
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+        return init
+
+    def _zero_init_linears(self) -> list[nn.Module]:
         zero = [b.mod for b in self.text_refiner.blocks] + [b.mod for b in self.single_blocks]
         zero += [m for b in self.double_blocks for m in (b.img_mod, b.txt_mod)]
-        zero += [self.final_layer.mod, self.final_layer.proj]
-        for linear in zero:
-            nn.init.zeros_(linear.weight)
-            nn.init.zeros_(linear.bias)
+        return zero + [self.final_layer.mod, self.final_layer.proj]
+
+    def _normal_init_linears(self) -> list[nn.Module]:
+        mlps = [mlp for e in (self.cond_embed, self.text_refiner.cond_embed) for mlp in (e.time_mlp, e.guidance_mlp)]
+        return [fc for mlp in mlps if mlp is not None for fc in (mlp.fc1, mlp.fc2)]
 
 
 def prefix_text_mask(text_mask_BT: torch.Tensor | None) -> torch.Tensor | None:

@@ -1,4 +1,4 @@
-"""Text encoders: a built-in byte-level encoder (no downloads) and local Hugging Face encoders."""
+"""Text encoders: a built-in byte-level encoder (no downloads) and HunyuanVideo's LLM + CLIP from local folders."""
 
 from vidtron.models.text.encoders import ByteTextEncoder, TextBatch, build_text_encoder
 

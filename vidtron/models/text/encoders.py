@@ -2,35 +2,25 @@
 
 `ByteTextEncoder` needs no downloads: UTF-8 bytes as tokens, a tiny frozen transformer with weights drawn
 from a fixed seed, giving LLM-like hidden states [B, T, D] and a pooled vector [B, P] (the stand-ins for
-HunyuanVideo's LLM states and CLIP pooled output). `HFTextEncoder` loads a real LLM and CLIP text model from
-local paths (no hub access) when `transformers` is installed.
+HunyuanVideo's LLM states and CLIP pooled output). `HFTextEncoder` (hf.py) computes HunyuanVideo's real
+conditioning from a local LLM and CLIP text model (no hub access) when `transformers` is installed.
 
 Legend: B captions, T text tokens, D text dim, P pooled dim.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from vidtron.platform.errors import ConfigError
+from vidtron.errors import ConfigError
+from vidtron.models.text.batch import TextBatch
+from vidtron.models.text.config import TextConfig
 
 BOS, PAD, VOCAB = 256, 257, 258
-
-
-@dataclass
-class TextBatch:
-    states: torch.Tensor  # [B, T, D] float
-    mask: torch.Tensor  # [B, T] bool, True = valid, padding at the end
-    pooled: torch.Tensor  # [B, P] float
-
-    def index(self, idx: torch.Tensor) -> TextBatch:
-        return TextBatch(self.states[idx], self.mask[idx], self.pooled[idx])
-
-    def to(self, device) -> TextBatch:
-        return TextBatch(self.states.to(device), self.mask.to(device), self.pooled.to(device))
 
 
 class ByteTextEncoder(nn.Module):
@@ -83,38 +73,36 @@ class ByteTextEncoder(nn.Module):
         return TextBatch(states=states, mask=mask, pooled=self.to_pooled(mean))
 
 
-class HFTextEncoder:
-    """A local LLM (hidden states) + CLIP text model (pooled), loaded with local_files_only=True."""
+def _text_config(text) -> TextConfig:
+    """A TextConfig, or its dict form from a run manifest (keys it lacks take TextConfig's defaults)."""
+    if isinstance(text, TextConfig):
+        return text
+    if isinstance(text, Mapping):
+        known = {f.name for f in dataclasses.fields(TextConfig)}
+        return TextConfig(**{k: v for k, v in text.items() if k in known})
+    raise TypeError(f"expected a TextConfig or a dict, got {type(text).__name__}")
 
-    def __init__(self, llm_path: str, clip_path: str, max_tokens: int):
-        try:
-            from transformers import AutoModel, AutoTokenizer, CLIPTextModel, CLIPTokenizer
-        except Exception as err:
-            raise ConfigError(
-                "text.encoder", "hf", "needs `pip install transformers`; or use text.encoder=byte"
-            ) from err
-        if not llm_path or not clip_path:
-            raise ConfigError("text.llm_path/clip_path", (llm_path, clip_path), "give local folders for both")
-        self.max_tokens = max_tokens
-        self.llm_tok = AutoTokenizer.from_pretrained(llm_path, local_files_only=True)
-        self.llm = AutoModel.from_pretrained(llm_path, local_files_only=True).eval()
-        self.clip_tok = CLIPTokenizer.from_pretrained(clip_path, local_files_only=True)
-        self.clip = CLIPTextModel.from_pretrained(clip_path, local_files_only=True).eval()
 
-    @torch.no_grad()
-    def encode(self, captions: list[str]) -> TextBatch:
-        tok = self.llm_tok(
-            captions, padding="max_length", max_length=self.max_tokens, truncation=True, return_tensors="pt"
+def build_text_encoder(text: TextConfig | Mapping, text_dim: int, pooled_dim: int):
+    """The text encoder of a run's `text` config whose outputs fit a DiT with these widths (checked for hf before
+    any weights load: a ConfigError names the mismatch)."""
+    cfg = _text_config(text)
+    if cfg.encoder == "byte":
+        return ByteTextEncoder(text_dim, pooled_dim, cfg.max_tokens)
+    if cfg.encoder == "hf":
+        from vidtron.models.text.hf import HFTextEncoder  # imports transformers only when asked for
+
+        return HFTextEncoder(
+            cfg.llm_path,
+            cfg.clip_path,
+            text_dim,
+            pooled_dim,
+            template=cfg.template,
+            crop_start=cfg.crop_start,
+            hidden_layer_skip=cfg.hidden_layer_skip,
+            llm_max_tokens=cfg.llm_max_tokens,
+            clip_max_tokens=cfg.clip_max_tokens,
+            device=cfg.device,
+            dtype=cfg.dtype,
         )
-        states = self.llm(**tok, output_hidden_states=True).hidden_states[-3]  # HunyuanVideo takes the third-last layer
-        ctok = self.clip_tok(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        pooled = self.clip(**ctok).pooler_output
-        return TextBatch(states=states.float(), mask=tok["attention_mask"].bool(), pooled=pooled.float())
-
-
-def build_text_encoder(kind: str, dim: int, pooled_dim: int, max_tokens: int, llm_path: str = "", clip_path: str = ""):
-    if kind == "byte":
-        return ByteTextEncoder(dim, pooled_dim, max_tokens)
-    if kind == "hf":
-        return HFTextEncoder(llm_path, clip_path, max_tokens)
-    raise ConfigError("text.encoder", kind, "choose 'byte' or 'hf'")
+    raise ConfigError("text.encoder", cfg.encoder, "choose 'byte' or 'hf'")

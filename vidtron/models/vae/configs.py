@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vidtron.platform.errors import ConfigError
+from vidtron.errors import ConfigError
 
 _DOWN_BLOCK = "HunyuanVideoDownBlock3D"  # the only block type diffusers' HunyuanVideo encoder builds
 _UP_BLOCK = "HunyuanVideoUpBlock3D"  # the only block type diffusers' HunyuanVideo decoder builds

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidtron.errors import ConfigError
 from vidtron.models.vae.blocks import NORM_EPS, CausalConv3d, DownBlock, MidBlock, UpBlock, run_block
 from vidtron.models.vae.configs import VAEConfig
-from vidtron.platform.errors import ConfigError
 
 LOGVAR_RANGE = (-30.0, 20.0)  # logvar clamp, as diffusers' DiagonalGaussianDistribution
 

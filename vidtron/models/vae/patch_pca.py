@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vidtron.platform.errors import ConfigError
+from vidtron.errors import ConfigError
 
 SPATIAL, TEMPORAL, CHANNELS = 8, 4, 16
 

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vidtron.errors import ConfigError
 from vidtron.models.vae.model import CausalVAE, split_moments
-from vidtron.platform.errors import ConfigError
 
 
 @dataclass(frozen=True)

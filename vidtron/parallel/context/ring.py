@@ -6,10 +6,11 @@ text) attends every video key of every rank and the valid text keys. Text K/V is
 only the video K/V block travels. Padding keys (the trailing positions beyond `video_len`) are cut off the block.
 
 Forward, step i: start sending the current K/V block to rank r+1 (and receiving from r-1), compute this rank's
-queries against the block (owner r - i), merge, then wait. Backward (exact, custom autograd): recompute each block's
-probabilities from the saved final lse; dQ accumulates locally; each block's dK/dV accumulator travels with the
-ring and returns to its owner after cp hops; text dK/dV stay local. Each rank's backward gives the gradient of its
-own loss (see comm.py); text rows are computed in full on every rank, so replicated text needs no reduction here.
+queries against the block (owner r - i) with the fused block kernel, merge, then wait. Backward (exact, custom
+autograd): each block's fused backward kernel recomputes the block's probabilities from the saved FINAL (out, lse);
+dQ accumulates locally; each block's dK/dV accumulator travels with the ring and returns to its owner after cp hops;
+text dK/dV stay local. Each rank's backward gives the gradient of its own loss (see comm.py); text rows are computed
+in full on every rank, so replicated text needs no reduction here.
 
 Shape legend: B batch, N heads, Lv video tokens (Lv_local per rank), T text tokens, Lq = Lv_local + T, Dh head dim.
 """
@@ -20,7 +21,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from vidtron.kernels.lse_attention import attention_delta, block_attention, block_attention_backward, merge_lse
+from vidtron.kernels.lse_attention import (
+    attention_delta,
+    block_attention,
+    block_attention_backward,
+    merge_lse,
+    resolve_impl,
+)
 from vidtron.parallel.context.comm import RingComm, local_video_len
 
 _KV_TAG, _DKV_TAG = 0, 1
@@ -56,7 +63,7 @@ def _valid_keys(block: int, block_len: int, video_len: int | None) -> int:
 class _RingAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, text_mask, comm, video_local, video_len, scale, impl):
-        lv = video_local
+        lv, impl = video_local, resolve_impl(impl, q)
         k_txt, v_txt = k[:, :, lv:], v[:, :, lv:]  # [B, N, T, Dh]
         out, lse = block_attention(q, k_txt, v_txt, text_mask, scale, impl)  # text keys: once, locally
         kv = torch.stack([k[:, :, :lv], v[:, :, :lv]])  # [2, B, N, Lv_local, Dh]
@@ -80,7 +87,7 @@ class _RingAttentionFn(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, text_mask = ctx.saved_tensors
         comm, lv, scale, impl = ctx.comm, ctx.lv, ctx.scale, ctx.impl
-        delta = attention_delta(dout, out)  # [B, N, Lq]
+        delta = attention_delta(dout, out) if impl == "math" else None  # [B, N, Lq]; fused / flash compute their own
         grad = dict(dout=dout, q=q, out=out, lse=lse, scale=scale, impl=impl, delta=delta)
         dq, dk_txt, dv_txt = block_attention_backward(k=k[:, :, lv:], v=v[:, :, lv:], key_mask=text_mask, **grad)
         kv = torch.stack([k[:, :, :lv], v[:, :, :lv]])  # [2, B, N, Lv_local, Dh]
@@ -133,7 +140,7 @@ class RingAttention(nn.Module):
 
     group: the CP process group (e.g. `dims.mesh["cp"].get_group()`); video_len: true total video tokens, settable
     per batch as an attribute (None = the local chunks are unpadded); scale: softmax scale (default Dh**-0.5);
-    impl: "auto" | "math" | "flash" for the block kernel.
+    impl: "auto" | "fused" | "flash" | "math" for the block kernel (vidtron.kernels.lse_attention).
     """
 
     def __init__(self, group, video_len: int | None = None, scale: float | None = None, impl: str = "auto"):

@@ -20,10 +20,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vidtron.errors import ConfigError
 from vidtron.kernels.lse_attention import LseDenseAttention
 from vidtron.parallel.context.comm import all_to_all_autograd, gather_heads, head_slice
 from vidtron.parallel.context.ring import split_lengths
-from vidtron.platform.errors import ConfigError
 
 
 def check_ulysses_heads(heads: int, degree: int, field: str = "parallel.ulysses") -> None:
@@ -60,8 +60,8 @@ class UlyssesAttention(nn.Module):
 
     group: the Ulysses process group (the CP group in pure Ulysses mode); video_len: true total video tokens,
     settable per batch as an attribute (None = unpadded); inner: the core run on `[B, N/u, video_len + T, Dh]` with
-    the same contract (default: dense attention, LseDenseAttention); heads: if given, checked against the degree at
-    construction; scale / impl: for the default inner core.
+    the same contract (default: dense attention, LseDenseAttention, i.e. torch's fused SDPA kernels); heads: if
+    given, checked against the degree at construction; scale / impl: for the default inner core.
     """
 
     def __init__(

@@ -13,8 +13,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from vidtron.errors import ConfigError
 from vidtron.platform.config import DataConfig
-from vidtron.platform.errors import ConfigError
 
 VAE_SPATIAL, VAE_TEMPORAL = 8, 4  # pixel -> latent compression of both autoencoders
 

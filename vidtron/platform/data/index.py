@@ -20,9 +20,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vidtron.errors import DataError
 from vidtron.platform.data.shards import list_shards
 from vidtron.platform.data.video import MEDIA_EXTS, probe
-from vidtron.platform.errors import DataError
 
 LATENT_EXT = "latents.safetensors"
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")  # webdataset's split: key up to the basename's first dot

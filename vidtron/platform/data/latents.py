@@ -23,13 +23,13 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file, save, save_file
 
+from vidtron.errors import DataError
 from vidtron.models.text.encoders import TextBatch
 from vidtron.platform.config import DataConfig
 from vidtron.platform.data.buckets import Bucket, assign_bucket, image_bucket_for, resolve_buckets
 from vidtron.platform.data.index import SampleIndex, write_tar
 from vidtron.platform.data.loader import stable_int
 from vidtron.platform.data.video import MEDIA_EXTS, DecodeRequest, frame_indices, make_decoder
-from vidtron.platform.errors import DataError
 
 UNCOND_FILE = "text_uncond.safetensors"
 VideoEncoder = Callable[[torch.Tensor], torch.Tensor]  # float [B, 3, F, H, W] in [-1, 1] -> latents [B, C, f, h, w]

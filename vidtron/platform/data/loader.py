@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vidtron.errors import ConfigError
 from vidtron.platform.config import DataConfig
 from vidtron.platform.data.buckets import Bucket, assign_bucket, image_bucket_for, resolve_buckets
 from vidtron.platform.data.index import LATENT_EXT, Entry, SampleIndex
 from vidtron.platform.data.video import MEDIA_EXTS, DecodeRequest, frame_indices, make_decoder
-from vidtron.platform.errors import ConfigError
 
 
 def stable_int(*parts) -> int:

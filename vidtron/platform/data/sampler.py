@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vidtron.platform.errors import ConfigError
+from vidtron.errors import ConfigError
 
 
 def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import webdataset as wds
 
-from vidtron.platform.errors import DataError
+from vidtron.errors import DataError
 
 
 @dataclass

@@ -2,13 +2,18 @@
 
 Deterministic per (seed, clip index). Each clip is uint8 [F, H, W, 3]; its caption names the shape, the
 colour, the direction of motion and the starting region, so text conditioning matters.
+A holdout set of (colour, shape, direction) combos keeps those combos out of the clips (for measuring whether
+a model composes words it saw only apart); without one the stream is unchanged.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
+
+from vidtron.errors import ConfigError
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -20,6 +25,7 @@ COLOURS = {
     "magenta": (220, 50, 220),
 }
 DIRECTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
+Combo = tuple[str, str, str]  # (colour, shape, direction)
 
 
 @dataclass(frozen=True)
@@ -45,8 +51,30 @@ def _region_name(yx: tuple[float, float]) -> str:
     return f"{vert} {horiz}"
 
 
-def clip_spec(seed: int, index: int) -> ClipSpec:
-    rng = np.random.default_rng([seed, index])
+def check_holdout(holdout: Collection[Combo], field: str = "holdout") -> frozenset[Combo]:
+    """The holdout as a set of valid (colour, shape, direction) combos that leaves at least one combo to draw."""
+    combos = frozenset(tuple(c) for c in holdout)
+    for colour, shape, direction in combos:
+        if colour not in COLOURS or shape not in SHAPES or direction not in DIRECTIONS:
+            fix = f"colour in {list(COLOURS)}, shape in {list(SHAPES)}, direction in {list(DIRECTIONS)}"
+            raise ConfigError(field, f"{colour}:{shape}:{direction}", fix)
+    if len(combos) >= len(COLOURS) * len(SHAPES) * len(DIRECTIONS):
+        raise ConfigError(field, f"{len(combos)} combos", "holds out every combo; leave at least one to train on")
+    return combos
+
+
+def clip_spec(seed: int, index: int, holdout: Collection[Combo] = ()) -> ClipSpec:
+    """Clip `index` of stream `seed`; a draw whose (colour, shape, direction) is held out is redrawn from
+    (seed, index, attempt), so clips without held-out combos stay what they are without a holdout."""
+    spec = _draw_spec(np.random.default_rng([seed, index]))
+    attempt = 0
+    while holdout and (spec.colour, spec.shape, spec.direction) in holdout:
+        attempt += 1
+        spec = _draw_spec(np.random.default_rng([seed, index, attempt]))
+    return spec
+
+
+def _draw_spec(rng: np.random.Generator) -> ClipSpec:
     direction = str(rng.choice(list(DIRECTIONS)))
     dy, dx = DIRECTIONS[direction]
     # start on the side opposite to the motion so the shape crosses the frame

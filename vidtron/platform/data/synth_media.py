@@ -12,10 +12,10 @@ import json
 
 import numpy as np
 
+from vidtron.errors import ConfigError, DataError
 from vidtron.platform.data.index import SampleIndex
-from vidtron.platform.data.synth import clip_spec, render_clip
+from vidtron.platform.data.synth import Combo, check_holdout, clip_spec, render_clip
 from vidtron.platform.data.video import DecodeRequest, centre_crop, decode_cpu, encode_video
-from vidtron.platform.errors import ConfigError, DataError
 
 FORMATS = ("npy", "mp4", "webm")
 
@@ -44,14 +44,32 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return out  # type: ignore[return-value]
 
 
+def parse_holdout(text: str) -> frozenset[Combo]:
+    """Parse "red:circle:right,blue:square:up" into {(colour, shape, direction), ...}; "" = none."""
+    combos = []
+    for item in (s.strip() for s in text.split(",")):
+        parts = item.split(":")
+        if item and len(parts) != 3:
+            raise ConfigError("--holdout", item, "give colour:shape:direction triples, e.g. red:circle:right")
+        if item:
+            combos.append(tuple(parts))
+    return check_holdout(combos, "--holdout")
+
+
 def media_sample(
-    seed: int, index: int, fmt: str, durations: list[int], sizes: list[tuple[int, int]], fps: int = 8
+    seed: int,
+    index: int,
+    fmt: str,
+    durations: list[int],
+    sizes: list[tuple[int, int]],
+    fps: int = 8,
+    holdout: frozenset[Combo] = frozenset(),
 ) -> tuple[str, dict[str, bytes]]:
-    """Clip `index` as (key, {media ext: bytes, "json": bytes})."""
+    """Clip `index` as (key, {media ext: bytes, "json": bytes}); `holdout` combos are never drawn."""
     rng = np.random.default_rng([seed, index, 7])
     frames = durations[int(rng.integers(len(durations)))]
     height, width = sizes[int(rng.integers(len(sizes)))]
-    spec = clip_spec(seed, index)
+    spec = clip_spec(seed, index, holdout)
     video = render_clip(spec, frames, height, width)  # [F, H, W, 3]
     if fmt == "npy":
         buf = io.BytesIO()

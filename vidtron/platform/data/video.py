@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vidtron.platform.errors import ConfigError, DataError
+from vidtron.errors import ConfigError, DataError
 
 VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")

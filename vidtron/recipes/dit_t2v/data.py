@@ -13,11 +13,11 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from vidtron.errors import ConfigError, DataError
 from vidtron.models.text.encoders import TextBatch
 from vidtron.models.vae.patch_pca import PatchPCAAutoencoder
 from vidtron.platform.config import DataConfig
 from vidtron.platform.data.shards import read_clips
-from vidtron.platform.errors import ConfigError, DataError
 
 AE_FILE = "autoencoder.safetensors"
 

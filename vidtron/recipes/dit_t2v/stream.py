@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from vidtron.errors import ConfigError, DataError
 from vidtron.models.text.encoders import TextBatch
 from vidtron.models.vae import CausalVAE
 from vidtron.models.vae.configs import from_diffusers_config
@@ -20,7 +21,6 @@ from vidtron.models.vae.state_dict_adapter import from_diffusers
 from vidtron.platform.config import TrainConfig
 from vidtron.platform.data.latents import load_latent_sample, load_uncond, to_model_input
 from vidtron.platform.data.loader import BucketLoader, LocalBatch
-from vidtron.platform.errors import ConfigError, DataError
 from vidtron.recipes.dit_t2v.data import load_autoencoder
 
 

@@ -7,18 +7,21 @@ Legend: b local batch, C latent channels, F latent frames, H, W latent height/wi
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
+from vidtron.errors import ConfigError
 from vidtron.models.dit import DiT
-from vidtron.models.dit.configs import FLAVORS, DiTConfig
+from vidtron.models.dit.configs import dit_config, latent_shape
 from vidtron.models.dit.parallelize import parallelize_dit
 from vidtron.models.text.encoders import TextBatch, build_text_encoder
+from vidtron.parallel.materialize import materialize
 from vidtron.platform.config import TrainConfig
 from vidtron.platform.data.sampler import GlobalSampler
-from vidtron.platform.errors import ConfigError
+from vidtron.platform.init_from import init_from
+from vidtron.platform.task import Phase
 from vidtron.recipes.dit_t2v.data import LatentSet, build_latent_set, load_autoencoder
 from vidtron.recipes.dit_t2v.flow_matching import (
     logit_normal_t,
@@ -29,24 +32,7 @@ from vidtron.recipes.dit_t2v.flow_matching import (
     velocity_target,
 )
 from vidtron.recipes.dit_t2v.stream import StreamData
-
-
-def dit_config(flavor: str, overrides: dict | None = None) -> DiTConfig:
-    """The flavor's DiTConfig with `overrides` applied (head_dim changes rescale the RoPE axes)."""
-    if flavor not in FLAVORS:
-        raise ConfigError("model.flavor", flavor, f"choose one of {sorted(FLAVORS)}")
-    cfg = FLAVORS[flavor]
-    overrides = dict(overrides or {})
-    if "head_dim" in overrides and overrides["head_dim"] != cfg.head_dim:
-        overrides["rope_axes_dim"] = rope_axes_for(overrides["head_dim"])
-    return dataclasses.replace(cfg, **overrides)
-
-
-def rope_axes_for(head_dim: int) -> tuple[int, int, int]:
-    """Split head_dim over (t, h, w) RoPE axes like HunyuanVideo's (16, 56, 56) of 128: even parts, t ~ 1/8."""
-    t = max(2, (head_dim // 8) // 2 * 2)
-    hw = (head_dim - t) // 2 // 2 * 2
-    return (head_dim - 2 * hw, hw, hw)
+from vidtron.tools.flops import dit_train_flops
 
 
 class DiTTextToVideo:
@@ -55,14 +41,7 @@ class DiTTextToVideo:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.dit_cfg = dit_config(cfg.model.flavor, cfg.model.arch_overrides())
-        self.text_encoder = build_text_encoder(
-            cfg.text.encoder,
-            self.dit_cfg.text_dim,
-            self.dit_cfg.pooled_dim,
-            cfg.text.max_tokens,
-            cfg.text.llm_path,
-            cfg.text.clip_path,
-        )
+        self.text_encoder = build_text_encoder(cfg.text, self.dit_cfg.text_dim, self.dit_cfg.pooled_dim)
         self.stream: StreamData | None = None
         if cfg.data.format != "memory":  # bucketed clips (or cached latents) read per step; cursor counts batches
             self.stream = StreamData(cfg, self.text_encoder, self.dit_cfg)
@@ -79,12 +58,25 @@ class DiTTextToVideo:
                 "model.flavor", cfg.model.flavor, f"expects {self.dit_cfg.in_channels} latent channels, data has {c}"
             )
 
-    def build_model(self, device: torch.device | str = "cpu") -> DiT:
-        """The full model, initialised from the run seed (identical on every rank before sharding)."""
-        torch.manual_seed(self.cfg.seed)
-        with torch.device(device):
-            model = DiT(self.dit_cfg)
-        model.init_weights()
+    @property
+    def flops_per_sample(self) -> float:
+        """Training FLOPs (forward + backward, vidtron/tools/flops.py) of one sample of the configured clip shape."""
+        d = self.cfg.data
+        latent = latent_shape(d.frames, d.height, d.width)
+        return float(dit_train_flops(self.dit_cfg, latent, self.cfg.text.tokens, 1)["total"])
+
+    def build_model(self) -> DiT:
+        """The model on the meta device: the trainer lays it out, then `materialize` allocates the local shards."""
+        with torch.device("meta"):
+            return DiT(self.dit_cfg)
+
+    def materialize(self, model: DiT, device: torch.device) -> DiT:
+        """Allocate this rank's shards on `device` and initialise them from the run seed, so every layout starts from
+        the weights one rank would have (vidtron/parallel/materialize.py); then load `model.init_from` if set (a
+        resumed run then loads its checkpoint over it)."""
+        materialize(model, device, model.init_function(self.cfg.seed))
+        if self.cfg.model.init_from:  # then the released / previous-stage weights, each rank reading its slices
+            init_from(model, self.cfg.model.init_from, kind="dit")
         return model
 
     def validate_layout(self, dims) -> None:
@@ -150,20 +142,24 @@ class DiTTextToVideo:
         scale = flow.guidance_min + (flow.guidance_max - flow.guidance_min) * torch.rand((), generator=gen)
         return {"sigma": sigma_from_t(t), "noise": noise, "drop": drop, "guidance": scale * 1000.0}
 
+    def phases(self, model: torch.nn.Module, batch: dict, step: int, device: torch.device) -> Iterator[Phase]:
+        """One update of the one optimizer: the flow-matching loss (the trainer applies autocast around it)."""
+        yield Phase("model", self.loss(model, batch, device))
+
     def loss(self, model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+        """This rank's share of the mean velocity MSE of `batch` (weighted per sample for bucketed streams)."""
         x1, x0 = batch["latents"].to(device), batch["noise"].to(device)
         sigma = batch["sigma"].to(device)
         text: TextBatch = batch["text"]
         guidance = batch["guidance"].to(device) if self.dit_cfg.guidance_embeds else None
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.cfg.trainer.bf16):
-            v = model(
-                noisy_latents(x1, x0, sigma),
-                timestep_from_sigma(sigma),
-                text.states.to(device),
-                text.mask.to(device),
-                text.pooled.to(device),
-                guidance,
-            )
+        v = model(
+            noisy_latents(x1, x0, sigma),
+            timestep_from_sigma(sigma),
+            text.states.to(device),
+            text.mask.to(device),
+            text.pooled.to(device),
+            guidance,
+        )
         if "weight" not in batch:
             return F.mse_loss(v.float(), velocity_target(x1, x0))
         per_sample = (v.float() - velocity_target(x1, x0)).pow(2).flatten(1).mean(1)  # [b]

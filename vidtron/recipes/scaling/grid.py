@@ -25,13 +25,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vidtron.launch.slurm import load_cluster
-from vidtron.platform.compose import compose_config
+from vidtron.errors import ConfigError
+from vidtron.models.dit.configs import dit_config, latent_shape
 from vidtron.platform.config import TrainConfig
 from vidtron.platform.data.shards import list_shards
-from vidtron.platform.errors import ConfigError
-from vidtron.recipes.dit_t2v.task import dit_config
-from vidtron.recipes.scaling.flops import dit_train_flops
+from vidtron.recipes.registry import compose_config
+from vidtron.tools.flops import dit_train_flops
 
 RECIPE = "scaling_sweep"
 LAUNCHERS = ("local", "ray", "slurm")
@@ -104,8 +103,6 @@ class SweepConfig:
             raise ConfigError("launcher", self.launcher, "cluster= and dry_run= are for launcher=slurm")
         if self.launcher != "ray" and self.ray_address:
             raise ConfigError("ray_address", self.ray_address, "is for launcher=ray")
-        if self.launcher == "slurm":
-            load_cluster(self.cluster)  # ConfigError for a missing or malformed cluster yaml
 
     @property
     def local_cores(self) -> bool:
@@ -251,7 +248,7 @@ class Point:
 
 def _latent_shape(train: TrainConfig) -> tuple[int, int, int]:
     """(F, H, W) latents of the trainer's clips: the VAE keeps the first frame and compresses 4x in time, 8x in space."""
-    return (1 + (train.data.frames - 1) // 4, train.data.height // 8, train.data.width // 8)
+    return latent_shape(train.data.frames, train.data.height, train.data.width)
 
 
 def build_points(cfg: SweepConfig) -> list[Point]:

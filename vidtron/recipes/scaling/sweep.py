@@ -16,7 +16,7 @@ Runs. Each size trains in `OUT/runs/<size>/` through `python -m vidtron.launch.t
 skipped, others (crashed, killed, DONE deleted) rerun and resume from their own newest checkpoint
 (`trainer.resume=auto`). `point.json` holds each run's trainer overrides; reusing `out` with different
 settings is refused. `launcher=ray` runs the same command as one Ray task per run and `launcher=slurm` as one
-sbatch job per run (`sweep_launchers.py`), with the same DONE bookkeeping.
+sbatch job per run (vidtron/launch/sweep_launchers.py), with the same DONE bookkeeping.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from vidtron.errors import ConfigError
 from vidtron.platform.metrics import read_metrics
 from vidtron.recipes.scaling.grid import POINT, Point, SweepConfig, build_points, check_out_folder
 from vidtron.recipes.scaling.report import write_report
@@ -211,16 +212,21 @@ def write_results(rows: list[dict], points: list[Point], cfg: SweepConfig, out: 
 # ----------------------------------------------------------------------------- entry point
 
 
-def run_sweep(cfg: SweepConfig) -> dict:
+def run_sweep(cfg: SweepConfig, launchers=None) -> dict:
     """Build the grid, train what is unfinished, collect `results.*` and write the report into `cfg.out`.
 
     Returns ``{"ran", "skipped", "failed", "wall_s", "cpu_s", "rows", "report"}``; ``report`` is the
     `write_report` summary, or None when a run failed (rerun the same command to retry) or the fit
     raised (its message is in ``report_error``). With ``dry_run`` (launcher=slurm) it prints the pending
     runs' sbatch scripts and returns ``{"dry_run": True, "scripts": {name: script}, ...}`` without training.
+    `launchers` is the module with `dry_run_slurm`, `run_points_ray` and `run_points_slurm` (vidtron-sweep passes
+    vidtron/launch/sweep_launchers.py); without it only the local launcher runs.
     """
-    from vidtron.recipes.scaling import sweep_launchers
-
+    sweep_launchers = launchers
+    if sweep_launchers is None and (cfg.dry_run or cfg.launcher != "local"):
+        raise ConfigError(
+            "launcher", cfg.launcher, "run it through vidtron-sweep (the launchers live in vidtron.launch)"
+        )
     points = build_points(cfg)
     check_out_folder(points)
     if cfg.dry_run:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vidtron.platform.errors import ConfigError
+from vidtron.errors import ConfigError
+from vidtron.models.dit.configs import check_frames
+from vidtron.platform.config import TrainConfig
 
 
 @dataclass
@@ -23,9 +25,7 @@ class CurriculumStage:
 
     def check(self, where: str) -> None:
         """Raise ConfigError (naming `where`, e.g. `vae.stages[1]`) unless the sizes fit the causal VAE."""
-        if self.frames < 1 or (self.frames - 1) % 4:
-            near = 4 * ((max(self.frames, 1) - 1) // 4) + 1
-            raise ConfigError(f"{where}.frames", self.frames, f"must be 4k+1 (e.g. {near} or {near + 4})")
+        check_frames(self.frames, f"{where}.frames")
         for name in ("height", "width"):
             value = getattr(self, name)
             if value < 8 or value % 8:
@@ -39,6 +39,8 @@ class VAERecipeConfig:
     """Training a causal 3D VAE: model flavor, loss weights, discriminator, data mixing, curriculum, tiling."""
 
     flavor: str = "vae-tiny"  # a name from vidtron.models.vae.configs.FLAVORS
+    init_from: str = ""  # start from these weights: a diffusers AutoencoderKLHunyuanVideo folder, our safetensors
+    # (vidtron-export), or a recipe=vae checkpoint folder (step_N: model weights only); "" = the flavor's random init
     # ---- loss weights (HunyuanVideo: L1 + 0.1 LPIPS + 0.05 adversarial + 1e-6 KL) ----
     l1_weight: float = 1.0  # pixel L1
     l2_weight: float = 0.0  # pixel MSE; off by default (HunyuanVideo: L1 only). Without LPIPS, L1 alone stalls at
@@ -103,3 +105,10 @@ class VAERecipeConfig:
                     f"must be > {last}: stages are listed in step order",
                 )
             last = stage.until_step
+
+
+@dataclass
+class VAETrainConfig(TrainConfig):
+    """The schema of `vidtron-train recipe=vae`: the run's sections plus `vae`."""
+
+    vae: VAERecipeConfig = field(default_factory=VAERecipeConfig)  # losses, discriminator, curriculum, tiling

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vidtron.errors import ConfigError, DataError
 from vidtron.platform.config import DataConfig
 from vidtron.platform.data.shards import read_clips
-from vidtron.platform.errors import ConfigError, DataError
 from vidtron.recipes.vae.config import CurriculumStage, VAERecipeConfig
 
 

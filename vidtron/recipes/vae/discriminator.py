@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vidtron.platform.errors import ConfigError
+from vidtron.errors import ConfigError
 
 KERNEL = (3, 4, 4)
 PADDING = (1, 1, 1)

@@ -1,13 +1,13 @@
-"""The VAE + discriminator pair, its two optimizers, and one training step (shared by the recipe and the demo).
+"""The VAE + discriminator pair, its two optimizers' param groups, and one training step as two update phases.
 
 `VAEGAN` holds both networks as submodules (`vae.*`, `disc.*`), so one DCP state dict covers both and a checkpoint
 resumes the critic too; the two AdamW optimizers are passed to `save_checkpoint` / `load_checkpoint` as a list
 (DCP's `get_state_dict` flattens them by parameter name). The LPIPS network is frozen and not part of it.
 
-Data parallelism: either replication, where every rank holds both networks whole and `train_step` averages the
-gradients over the data-parallel group before each update, or ZeRO (`parallelize.py`), where FSDP2 shards the
-params, gradients and AdamW state and averages the gradients itself (they arrive as DTensors, which `_update` then
-leaves alone). Either way the adaptive weight's last-layer gradients (this rank's, full tensors) are averaged over
+Data parallelism: either replication, where every rank holds both networks whole and the shared update step
+(vidtron/platform/update.py) averages the gradients over the data-parallel group before each update, or ZeRO
+(`parallelize.py`), where FSDP2 shards the params, gradients and AdamW state and averages the gradients itself (they
+arrive as DTensors, which the update step then leaves alone). Either way the adaptive weight's last-layer gradients (this rank's, full tensors) are averaged over
 the group before their norms, so any layout takes the same steps as one rank on the whole batch.
 
 Shape legend: B batch, C channels, F frames, H, W pixels; Z latent channels, f, h, w latent sizes.
@@ -21,12 +21,11 @@ from contextlib import contextmanager
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
+from vidtron.errors import ConfigError
 from vidtron.models.vae import FLAVORS, CausalVAE
 from vidtron.models.vae.tiling import tiled_decode, tiled_encode
-from vidtron.platform.config import OptimConfig
-from vidtron.platform.errors import ConfigError
+from vidtron.platform.task import Phase
 from vidtron.recipes.vae.config import VAERecipeConfig
 from vidtron.recipes.vae.discriminator import PatchDiscriminator3D
 from vidtron.recipes.vae.losses import Reduce, VAEObjective, adversarial_on
@@ -57,30 +56,14 @@ def build_gan(cfg: VAERecipeConfig, seed: int) -> VAEGAN:
     return VAEGAN(vae, disc)
 
 
-def build_optimizers(gan: VAEGAN, o: OptimConfig, cfg: VAERecipeConfig) -> dict[str, torch.optim.Optimizer]:
-    """{"vae": AdamW(optim.*), "disc": AdamW(lr * disc_lr_scale, betas disc_beta1/2)}. Each param group carries
-    `lr_scale`, so a schedule sets group["lr"] = lr * group["lr_scale"]."""
-    vae = torch.optim.AdamW(
-        [{"params": list(gan.vae.parameters()), "lr_scale": 1.0}],
-        lr=o.lr,
-        betas=(o.beta1, o.beta2),
-        eps=o.eps,
-        weight_decay=o.weight_decay,
-    )
-    disc = torch.optim.AdamW(
-        [{"params": list(gan.disc.parameters()), "lr_scale": cfg.disc_lr_scale}],
-        lr=o.lr * cfg.disc_lr_scale,
-        betas=(cfg.disc_beta1, cfg.disc_beta2),
-        eps=o.eps,
-        weight_decay=o.weight_decay,
-    )
-    return {"vae": vae, "disc": disc}
-
-
-def set_lr(optimizers: dict[str, torch.optim.Optimizer], lr: float) -> None:
-    for opt in optimizers.values():
-        for group in opt.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+def optimizer_groups(gan: VAEGAN, cfg: VAERecipeConfig) -> dict[str, list[dict]]:
+    """{"vae": AdamW over optim.*, "disc": AdamW at lr * disc_lr_scale with betas (disc_beta1, disc_beta2)}, as the
+    param groups the trainer's `build_optimizers` takes (`lr_scale` multiplies the scheduled LR)."""
+    disc = {"params": list(gan.disc.parameters()), "lr_scale": cfg.disc_lr_scale}
+    return {
+        "vae": [{"params": list(gan.vae.parameters()), "lr_scale": 1.0}],
+        "disc": [{**disc, "betas": (cfg.disc_beta1, cfg.disc_beta2)}],
+    }
 
 
 def tiling_kwargs(cfg: VAERecipeConfig) -> dict:
@@ -127,58 +110,21 @@ def dp_mean(group) -> Reduce:
     return mean
 
 
-def _update(module: nn.Module, opt: torch.optim.Optimizer, grad_clip: float, group) -> torch.Tensor:
-    """Average the gradients over `group` (unless FSDP did: DTensor gradients), clip, step, clear; returns the
-    pre-clip global grad norm. A NaN/inf norm skips the update (the norm is the same on every rank after
-    averaging, so all ranks skip together)."""
-    params = [p for p in module.parameters() if p.grad is not None]
-    if group is not None and params and not isinstance(params[0].grad, DTensor):
-        flat = dp_mean(group)(torch.cat([p.grad.flatten() for p in params]))
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
-            p.grad.copy_(g.view_as(p))
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
-    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm  # sharded grads: the norm of the whole
-    if torch.isfinite(norm):
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return norm
-
-
-def train_step(
-    gan: VAEGAN,
-    optimizers: dict[str, torch.optim.Optimizer],
-    objective: VAEObjective,
-    batch: dict,
-    step: int,
-    lr: float,
-    grad_clip: float,
-    group=None,
-) -> dict[str, float]:
-    """One optimizer step of the VAE, then (after disc_start steps) one of the discriminator on the same batch.
+def phases(gan: VAEGAN, objective: VAEObjective, batch: dict, step: int, group=None) -> Iterator[Phase]:
+    """One step of the pair as two phases: the VAE's update, then (after disc_start steps) the discriminator's on
+    the same batch, against the reconstruction the VAE made before its update (as VQGAN trains).
 
     batch: {"video": [b, C, F, H, W] in [-1, 1], "eps": [b, Z, f, h, w] or None, "tiled": bool}, on the model's
-    device. Returns the step's metrics averaged over `group` ("loss" is the VAE's total loss; a non-finite
-    "grad_norm" / "disc_grad_norm" means that update was skipped)."""
+    device. The VAE phase's metrics are its loss terms (l1, kl, g_loss, adaptive_weight, ...); the critic's are
+    d_loss and its logits' means. `group` averages the adaptive weight's last-layer gradients (see the module doc).
+    """
     cfg = objective.cfg
-    set_lr(optimizers, lr)
-    for opt in optimizers.values():
-        opt.zero_grad(set_to_none=True)
     video, eps = batch["video"], batch["eps"]
     recon, mean, logvar = reconstruct(gan.vae, video, eps, tiling_kwargs(cfg) if batch["tiled"] else None)
     with frozen(gan.disc):
         terms = objective.generator_terms(gan.disc, video, recon, mean, logvar, step, gan.last_layer, dp_mean(group))
-    terms["loss"].backward()
-    terms["grad_norm"] = _update(gan.vae, optimizers["vae"], grad_clip, group)
+    loss = terms.pop("loss")
+    yield Phase("vae", loss, terms)
     if adversarial_on(step, cfg.disc_start) and cfg.adv_weight > 0:
         d_terms = objective.discriminator_loss(gan.disc, video, recon)
-        d_terms["d_loss"].backward()
-        d_terms["disc_grad_norm"] = _update(gan.disc, optimizers["disc"], grad_clip, group)
-        terms.update(d_terms)
-    return _metrics(terms, group)
-
-
-def _metrics(terms: dict[str, torch.Tensor], group) -> dict[str, float]:
-    """Scalar terms as floats, averaged over the data-parallel group in one all-reduce."""
-    names = sorted(terms)
-    values = dp_mean(group)(torch.stack([terms[n].detach().float().reshape(()) for n in names]))
-    return dict(zip(names, values.tolist()))
+        yield Phase("disc", d_terms["d_loss"], d_terms)

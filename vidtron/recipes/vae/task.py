@@ -1,26 +1,35 @@
-"""What the trainer trains for recipe `vae`: the VAE + discriminator pair, each step's batch, and the GAN step.
+"""What the trainer trains for recipe `vae`: the VAE + discriminator pair, each step's batch, and the GAN's phases.
 
-Hooks for the generic trainer (beyond `build_model`, `local_batch`, `loss`, `tokens_per_sample`):
+Task hooks (vidtron/platform/task.py):
     validate_layout(dims)                 pure data parallel: tp = cp = 1
     parallelize(model, dims, opts)        ZeRO-2/3 (FSDP2) when dp_shard > 1, else replication (parallelize.py);
-                                          records the data-parallel group for metric means and the adaptive weight
-    build_optimizers(model, optim)        {"vae": AdamW, "disc": AdamW}; checkpoint them as a list
-    train_step(model, optimizers, batch, step, lr, device)   both updates; returns metrics (floats, dp means)
-`loss(model, batch, device)` is the VAE's generator loss alone (no discriminator update): for evaluation.
+                                          records the data-parallel group for the adaptive weight's gradient mean
+    optimizer_groups(model)               {"vae": ..., "disc": ...}: two AdamW optimizers, checkpointed as a list
+    phases(model, batch, step, device)    the VAE's update, then the critic's (gan.phases)
+Conveniences for driving the task by hand (tests, `make vae-demo`), on the same update path as the trainer:
+`build_optimizers(model)` and `train_step(model, optimizers, batch, step, lr, device)`. `loss(model, batch, device)`
+is the VAE's generator loss alone (no update): for evaluation.
 
 Legend: b local batch, C channels, F frames, H, W pixels; Z latent channels, f, h, w latent sizes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
-from vidtron.models.dit.parallelize import ParallelizeOptions
+from vidtron.errors import ConfigError
 from vidtron.models.vae import FLAVORS
 from vidtron.parallel.dims import ParallelDims
+from vidtron.parallel.options import ParallelizeOptions
 from vidtron.platform.config import DataConfig, OptimConfig
 from vidtron.platform.data.sampler import GlobalSampler
-from vidtron.platform.errors import ConfigError
+from vidtron.platform.init_from import init_from
+from vidtron.platform.task import Phase
+from vidtron.platform.trainer import build_optimizers
+from vidtron.platform.update import UpdatePolicy, run_phases
+from vidtron.recipes.vae import gan
 from vidtron.recipes.vae.config import VAERecipeConfig
 from vidtron.recipes.vae.data import (
     check_stages_fit,
@@ -31,7 +40,7 @@ from vidtron.recipes.vae.data import (
     step_plan,
 )
 from vidtron.recipes.vae.discriminator import min_input_size
-from vidtron.recipes.vae.gan import VAEGAN, build_gan, build_optimizers, reconstruct, tiling_kwargs, train_step
+from vidtron.recipes.vae.gan import VAEGAN, build_gan, reconstruct, tiling_kwargs
 from vidtron.recipes.vae.losses import VAEObjective
 from vidtron.recipes.vae.lpips import build_lpips
 from vidtron.recipes.vae.parallelize import parallelize_gan
@@ -63,12 +72,6 @@ class VAETask:
         self._latent_shape: tuple[int, ...] | None = None
         self._ensure_disc_fits()
 
-    @classmethod
-    def from_train_config(cls, cfg) -> VAETask:
-        """From a TrainConfig with a `vae` section (cfg.vae, cfg.data, cfg.optim, cfg.seed; TrainConfig has already
-        refused parallel.zero.engine=deepspeed for recipe=vae)."""
-        return cls(cfg.vae, cfg.data, cfg.optim, cfg.seed)
-
     def _ensure_disc_fits(self) -> None:
         need = min_input_size(self.cfg.disc_layers)
         for i, stage in enumerate(self.stages):
@@ -83,8 +86,12 @@ class VAETask:
     # ---- trainer hooks ----------------------------------------------------------------------------------------
 
     def build_model(self, device: torch.device | str = "cpu") -> VAEGAN:
-        """VAE + discriminator, initialised from the run seed (identical on every rank)."""
-        return build_gan(self.cfg, self.seed).to(device)
+        """VAE + discriminator, initialised from the run seed (identical on every rank); the VAE from
+        `vae.init_from` when set."""
+        model = build_gan(self.cfg, self.seed).to(device)
+        if self.cfg.init_from:
+            init_from(model.vae, self.cfg.init_from, kind="vae")
+        return model
 
     def validate_layout(self, dims: ParallelDims) -> None:
         validate_layout(dims)
@@ -97,10 +104,13 @@ class VAETask:
         if self.group is None:
             return model
         opts = opts or ParallelizeOptions()
-        return parallelize_gan(model, dims, opts.zero_stage, opts.param_dtype)
+        return parallelize_gan(model, dims, opts)
+
+    def optimizer_groups(self, model: VAEGAN) -> dict[str, list[dict]]:
+        return gan.optimizer_groups(model, self.cfg)
 
     def build_optimizers(self, model: VAEGAN, optim: OptimConfig | None = None) -> dict[str, torch.optim.Optimizer]:
-        return build_optimizers(model, optim or self.optim, self.cfg)
+        return build_optimizers(self.optimizer_groups(model), optim or self.optim)
 
     @property
     def tokens_per_sample(self) -> int:
@@ -136,11 +146,17 @@ class VAETask:
         t, s = vcfg.temporal_compression_ratio, vcfg.spatial_compression_ratio
         return (vcfg.latent_channels, (frames - 1) // t + 1, h // s, w // s)
 
-    def train_step(self, model: VAEGAN, optimizers: dict, batch: dict, step: int, lr: float, device) -> dict:
-        """One VAE update and (after vae.disc_start steps) one discriminator update; metrics as dp-mean floats."""
+    def phases(self, model: VAEGAN, batch: dict, step: int, device) -> Iterator[Phase]:
         self.objective.to(device)
-        batch = self._to(batch, device)
-        return train_step(model, optimizers, self.objective, batch, step, lr, self.optim.grad_clip, self.group)
+        return gan.phases(model, self.objective, self._to(batch, device), step, self.group)
+
+    def train_step(self, model: VAEGAN, optimizers: dict, batch: dict, step: int, lr: float, device) -> dict:
+        """One step through the shared update path (vidtron/platform/update.py), as the trainer takes it: the VAE's
+        update and (after vae.disc_start steps) the discriminator's; metrics as dp-mean floats."""
+        policy = UpdatePolicy(grad_clip=self.optim.grad_clip, dp_group=self.group, mean_group=self.group)
+        device = torch.device(device)
+        result = run_phases(self.phases(model, batch, step, device), optimizers, lr, step, policy, device.type)
+        return {"loss": result.loss, "grad_norm": result.grad_norm, **result.metrics}
 
     def loss(self, model: VAEGAN, batch: dict, device: torch.device, step: int = 0) -> torch.Tensor:
         """The VAE's total loss on `batch` at `step` (the adversarial term counts once step > vae.disc_start)."""

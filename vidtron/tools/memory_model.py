@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vidtron.models.dit.configs import DiTConfig
-from vidtron.parallel.recompute import select_blocks
+from vidtron.models.dit.sharding import select_dit_blocks as select_blocks
 
 GIB = 1024**3
 VAE_STRIDE = (4, 8, 8)  # causal VAE compression (t, h, w); frames 4k+1 -> k+1 latent frames
@@ -301,7 +301,7 @@ def _tp_table() -> dict[tuple[str, str], str]:
     (row-parallel: weight split on dim 1), read from the TP plans so the two never drift apart."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
-    from vidtron.parallel import tensor_parallel as tp
+    from vidtron.models.dit import sharding as tp
 
     plans = {"double_blocks": tp.double_block_plan(), "single_blocks": tp.single_block_plan()}
     plans["text_refiner.blocks"] = tp.refiner_block_plan()

@@ -28,8 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from vidtron.launch.slurm import ClusterConfig, load_cluster
-from vidtron.platform.errors import ConfigError
+from vidtron.errors import ConfigError
+from vidtron.launch.cluster import ClusterConfig, init_local_ray, load_cluster, sbatch_options
 from vidtron.recipes.scaling.grid import Point, SweepConfig
 from vidtron.recipes.scaling.sweep import finish_point, is_done, prepare_point, say, train_command
 from vidtron.recipes.scaling.sweep import train_env as _train_env
@@ -80,23 +80,13 @@ def _init_ray(cfg: SweepConfig) -> bool:
     """Connect to cfg.ray_address or start a private local instance sized to the core budget; True if we did."""
     import ray
 
-    from vidtron.launch.ray_launcher import LOCAL_OBJECT_STORE_BYTES, _private_token, _temp_dir
-
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if cfg.ray_address:
         ray.init(address=cfg.ray_address, log_to_driver=False)
         return True
-    _private_token()
-    ray.init(
-        address="local",
-        num_cpus=cfg.max_parallel * cfg.threads_per_run,
-        include_dashboard=False,
-        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        log_to_driver=False,
-        _temp_dir=_temp_dir(Path(cfg.out).resolve()),
-    )
+    init_local_ray(cfg.max_parallel * cfg.threads_per_run, Path(cfg.out).resolve(), log_to_driver=False)
     return True
 
 
@@ -148,12 +138,7 @@ def _exit_path(p: Point) -> str:
 
 def _header(p: Point, c: ClusterConfig, threads: int) -> list[str]:
     log = p.run_dir.resolve() / "train.log"
-    opts = [f"--job-name=vidtron-sweep-{p.name}", "--nodes=1", "--ntasks=1", f"--cpus-per-task={threads}"]
-    opts += [f"--mem={c.mem}"] if c.mem else []
-    for flag, value in (("partition", c.partition), ("account", c.account), ("qos", c.qos)):
-        opts += [f"--{flag}={value}"] if value else []
-    opts += [f"--time={c.time_limit}", f"--output={log}", "--open-mode=append"]
-    return [f"#SBATCH {o}" for o in [*opts, *c.extra_sbatch]]
+    return sbatch_options(c, f"vidtron-sweep-{p.name}", log, ["--nodes=1", "--ntasks=1", f"--cpus-per-task={threads}"])
 
 
 def sweep_script(p: Point, c: ClusterConfig, cluster_name: str, threads: int) -> str:

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 
+from vidtron.models.dit.sharding import dit_blocks
 from vidtron.parallel.offload import flat_tensors, local_tensor, plain_tensors
-from vidtron.parallel.recompute import dit_blocks
 
 OTHER = -1  # index of everything saved outside the blocks
 

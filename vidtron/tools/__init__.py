@@ -1,0 +1,1 @@
+"""Tools on top of the platform: job planning (memory, FLOPs, communication) and sample evaluation."""
