@@ -74,8 +74,35 @@ def run(out_dir: str | Path | None = None) -> dict:
         "trainer_samples_per_s": batch / trainer_med,
         "bare_samples_per_s": batch / bare_med,
     }
+    result["prefetch"] = prefetch_effect()
     write_result("trainer_overhead", result, out_dir)
     return result
+
+
+def prefetch_effect(steps: int = 30) -> dict:
+    """Decoded-video data (data.format=video: mp4 decode + stand-in encode + text per step) with the prefetch thread
+    off and on, alternated twice: median step time and median data wait per step."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "mp4"
+        data_main(["synth", "--out", str(data), "--format", "mp4", "--clips", "64", "--durations", "9"])
+        runs = {0: ([], []), 2: ([], [])}
+        for rep in range(2):
+            for depth, (times, waits) in runs.items():
+                run_dir = Path(tmp) / f"p{depth}_{rep}"
+                args = [f"data.root={data}", f"run_dir={run_dir}", f"trainer.steps={steps}", "data.format=video"]
+                cfg = compose_config([*args, f"trainer.prefetch={depth}", "metrics.wandb=false"])
+                train(cfg, DiTTextToVideo(cfg), init_distributed())
+                records = read_metrics(run_dir)[3:]
+                times += [r["step_time_s"] for r in records]
+                waits += [r["data_wait_s"] for r in records]
+        for depth, (times, waits) in runs.items():
+            out[f"prefetch_{depth}"] = {
+                "step_s_median": statistics.median(times),
+                "data_wait_s_median": statistics.median(waits),
+            }
+    out["step_time_ratio_on_over_off"] = out["prefetch_2"]["step_s_median"] / out["prefetch_0"]["step_s_median"]
+    return out
 
 
 if __name__ == "__main__":
