@@ -112,7 +112,8 @@ def assert_matches_reference(run_dir: Path, ref: dict) -> None:
 def assert_resumed_from(run_dir: Path, step: int) -> list[dict]:
     ev = events(run_dir)
     kinds = [e["event"] for e in ev]
-    assert "restart" in kinds and "failure" in kinds, kinds
+    # a surviving rank logs "failure" only if its collective errors before torchrun stops it: a race, not asserted
+    assert "restart" in kinds and "fault-injected" in kinds, kinds
     resumes = [e for e in ev if e["event"] == "resume"]
     assert [e["step"] for e in resumes] == [step], resumes
     assert all(not e["path"].endswith(".tmp") for e in resumes)  # a torn save is never resumed
