@@ -74,6 +74,7 @@ def test_two_processes_via_launcher(synth_data, tmp_path):
     manifest = json.loads((committed_checkpoints(tmp_path / "two")[-1] / "manifest.json").read_text())
     assert manifest["layout"]["dp_shard"] == 2 and manifest["data"] == {
         "cursor": 32,
+        "skip": [],
         "cursor_unit": "samples",
         "global_batch": 8,
     }
