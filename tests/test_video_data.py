@@ -220,7 +220,7 @@ def test_train_from_buckets_resumes_exactly_and_reads_latents(mp4_data, tmp_path
     second = run_training(mp4_data, tmp_path / "split", *common)
     assert first.losses + second.losses == whole.losses
     manifest = json.loads((committed_checkpoints(tmp_path / "split")[-1] / "manifest.json").read_text())
-    assert manifest["data"] == {"cursor": 6, "cursor_unit": "global_batches"}  # global batches consumed
+    assert manifest["data"] == {"cursor": 6, "skip": [], "cursor_unit": "global_batches"}  # global batches consumed
     out = tmp_path / "lat"
     assert data_main(["encode", "--root", str(mp4_data), "--out", str(out), "--buckets", SHAPES_ARG]) == 0
     state = run_training(
