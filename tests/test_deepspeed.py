@@ -36,10 +36,13 @@ LAYOUTS = {
     "ds_zero3_dp2": ZERO3,
     "ds_zero2_cp2_ring": [*DS, "parallel.zero.stage=2", "parallel.cp=2", "parallel.cp_mode=ring"],
     "ds_zero3_cp2_ulysses": [*ZERO3, "parallel.cp=2", "parallel.cp_mode=ulysses"],
+    # 2 micro-batches of 1 per rank and step (global batch 4 as the reference's one batch of 4)
+    "ds_zero2_dp2_accum2": [*DS, "parallel.zero.stage=2", "trainer.grad_accum=2"],
     # one NaN step: no update (NaN + x has finite gradients, so the trainer must skip it, not DeepSpeed); the
     # run must then equal FSDP2 skipping the same step
     "ds_zero3_nan_skip": [*ZERO3, "faults.nan_at_step=5"],
     "fsdp_nan_skip": ["parallel.dp_shard=2", "faults.nan_at_step=5"],
+    "ds_zero3_accum2_nan_skip": [*ZERO3, "trainer.grad_accum=2", "faults.nan_at_step=5"],
     # NaN at steps 5 and 6 -> both skipped -> rollback to step 4 (max_bad_steps 2) -> replayed: same final state
     "ds_zero3_nan_rollback": [
         *ZERO3,
@@ -86,7 +89,7 @@ def world2(pad_data, tmp_path_factory):
     return run_ranks(_world2, 2, (str(pad_data), tmp))[0], tmp
 
 
-NAN_RUNS = {"ds_zero3_nan_skip", "fsdp_nan_skip", "ds_zero3_nan_rollback"}
+NAN_RUNS = {"ds_zero3_nan_skip", "fsdp_nan_skip", "ds_zero3_nan_rollback", "ds_zero3_accum2_nan_skip"}
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +108,60 @@ def test_deepspeed_four_rank_layout_matches_one_rank(name, world4, reference):
     _check(name, world4[name], reference)
 
 
-def test_deepspeed_skips_a_nan_step_like_fsdp2(world2):
-    ds, fsdp = world2[0]["ds_zero3_nan_skip"], world2[0]["fsdp_nan_skip"]
+@pytest.mark.parametrize("name", ["ds_zero3_nan_skip", "ds_zero3_accum2_nan_skip"])
+def test_deepspeed_skips_a_nan_step_like_fsdp2(name, world2):
+    ds, fsdp = world2[0][name], world2[0]["fsdp_nan_skip"]
     assert math.isnan(ds["losses"][4]) and math.isnan(fsdp["losses"][4])
     finite = [i for i in range(len(ds["losses"])) if i != 4]
     loss_diff = max(abs(ds["losses"][i] - fsdp["losses"][i]) for i in finite)
     param_diff = _max_param_diff(ds["params"], fsdp["params"])
-    print(f"parity ds_zero3_nan_skip vs fsdp: max loss diff {loss_diff:.2e}, max param diff {param_diff:.2e}")
+    print(f"parity {name} vs fsdp: max loss diff {loss_diff:.2e}, max param diff {param_diff:.2e}")
     assert loss_diff <= TOL and param_diff <= TOL, (loss_diff, param_diff)
+
+
+def _linear_engine(accum: int):
+    """A real DeepSpeed ZeRO-2 engine (one process) over a 4 -> 1 linear layer, through our `initialize`."""
+    from vidtron.parallel.deepspeed_zero import initialize
+    from vidtron.parallel.dims import ParallelDims
+
+    cfg = compose_config([*DS, "parallel.zero.stage=2", f"trainer.grad_accum={accum}", "data.batch_size=6"])
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    return initialize(model, torch.optim.AdamW(model.parameters(), lr=0.1), cfg, ParallelDims())
+
+
+def _micro_phases(engine, xs: list[torch.Tensor], nan_at: int = -1):
+    from vidtron.platform.task import Phase
+
+    for i, x in enumerate(xs):
+        loss = engine(x).square().mean()
+        yield iter([Phase("model", loss + float("nan") if i == nan_at else loss)])
+
+
+def test_deepspeed_accumulation_drops_a_window_with_a_late_nan_micro_batch():
+    """K=3 with micro-batch 2 NaN: DeepSpeed must drop the two good micro-batches' gradients too and not step; the
+    next window then updates exactly as a fresh engine's first K=3 window does (and K=3 equals one batch of 6).
+    One spawned process (DeepSpeed needs a process group and LOCAL_RANK)."""
+    run_ranks(_late_nan_window, 1)
+
+
+def _late_nan_window() -> None:
+    from vidtron.platform.update import UpdatePolicy, run_accumulated, run_phases
+
+    init_distributed()
+    xs = list(torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(1)))
+    engine, opt = _linear_engine(3)
+    before = [p.detach().clone() for p in engine.module.parameters()]
+    bad = run_accumulated(list(_micro_phases(engine, xs, nan_at=2)), {"model": opt}, 0.1, 1, UpdatePolicy())
+    assert not bad.finite and all(torch.equal(a, p) for a, p in zip(before, engine.module.parameters()))
+    good = run_accumulated(list(_micro_phases(engine, xs)), {"model": opt}, 0.1, 2, UpdatePolicy())
+    fresh, fresh_opt = _linear_engine(3)
+    ref = run_accumulated(list(_micro_phases(fresh, xs)), {"model": fresh_opt}, 0.1, 1, UpdatePolicy())
+    whole, whole_opt = _linear_engine(1)
+    one = run_phases(next(_micro_phases(whole, [torch.cat(xs)])), {"model": whole_opt}, 0.1, 1, UpdatePolicy())
+    assert good.finite and abs(good.loss - ref.loss) == 0 and abs(good.grad_norm - one.grad_norm) <= 1e-6
+    for a, b, c in zip(engine.module.parameters(), fresh.module.parameters(), whole.module.parameters()):
+        assert torch.equal(a, b) and torch.allclose(a, c, atol=1e-6), (a, b, c)
 
 
 def test_deepspeed_nan_steps_are_skipped_then_rolled_back(world2, reference):

@@ -64,7 +64,8 @@ def import_deepspeed():
 def ds_config(cfg, dims: ParallelDims) -> dict:
     """The DeepSpeed config for a TrainConfig: ZeRO stage and buckets, clipping, fp32 (autocast is ours)."""
     z = cfg.parallel.zero
-    micro = max(1, cfg.data.batch_size // dims.dp)  # DeepSpeed's bookkeeping only: batches come from the task
+    accum = cfg.trainer.grad_accum
+    micro = max(1, cfg.data.batch_size // (dims.dp * accum))  # DeepSpeed's bookkeeping only: batches come from the task
     zero = {
         "stage": z.stage,
         "contiguous_gradients": True,
@@ -82,8 +83,8 @@ def ds_config(cfg, dims: ParallelDims) -> dict:
         )
     return {
         "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": 1,
-        "train_batch_size": micro * dims.dp * dims.cp,  # DeepSpeed's data-parallel world is every rank (tp = 1)
+        "gradient_accumulation_steps": accum,  # engine.backward scales each micro-batch's loss by 1 / accum
+        "train_batch_size": micro * accum * dims.dp * dims.cp,  # DeepSpeed's data-parallel world is every rank (tp = 1)
         "gradient_clipping": max(cfg.optim.grad_clip, 0.0),
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW: exactly what FSDP2 runs
@@ -134,6 +135,21 @@ class DeepSpeedZeRO:
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float("nan") if norm is None else float(norm)
+
+    def accumulate(self, loss: torch.Tensor, micro: int, count: int, discard: bool) -> float | None:
+        """Micro-batch `micro` of `count` (trainer.grad_accum): backward (DeepSpeed scales by 1 / count); the last one
+        reduces, clips and steps, returning the global gradient norm. We own the boundary
+        (`set_gradient_accumulation_boundary`), so the engine's micro-step counter never decides. `discard`: the
+        window had a non-finite loss (every rank agrees): its gradients are made NaN so that DeepSpeed's own overflow
+        check drops the whole window's gradients and skips the step (NaN + x has finite gradients otherwise)."""
+        last = micro == count - 1
+        self.engine.set_gradient_accumulation_boundary(last)
+        self.engine.backward(loss * float("nan") if discard else loss)
+        if not last:
+            return None
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None or discard else float(norm)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.engine.zero_grad()

@@ -303,6 +303,3 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not self.run_dir:
             raise ConfigError("run_dir", self.run_dir, "give a folder, e.g. run_dir=runs/my_run")
-        if self.trainer.grad_accum > 1 and self.parallel.zero.engine == "deepspeed":
-            fix = "gradient accumulation runs with parallel.zero.engine=fsdp2; or raise data.batch_size instead"
-            raise ConfigError("trainer.grad_accum", self.trainer.grad_accum, fix)

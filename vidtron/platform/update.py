@@ -95,6 +95,8 @@ def run_accumulated(
     for opt in optimizers.values():
         set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
+    if any(hasattr(opt, "accumulate") for opt in optimizers.values()):
+        return _accumulate_engine(micro_phases, optimizers, step, policy, device_type)
     k_total, losses, metrics, name = len(micro_phases), [], [], None
     for k, phases in enumerate(micro_phases):
         _set_sync(model, k == k_total - 1)
@@ -116,6 +118,27 @@ def run_accumulated(
         opt.step()
     opt.zero_grad(set_to_none=True)
     return StepResult(loss=values[0], grad_norm=norm, metrics=dict(zip(phase.metrics, values[1:])))
+
+
+def _accumulate_engine(
+    micro_phases: list[Iterator[Phase]], optimizers: dict, step: int, policy: UpdatePolicy, device_type: str
+) -> StepResult:
+    """`run_accumulated` for an engine that accumulates itself (DeepSpeed: `accumulate(loss, k, K, discard)`). Each
+    micro-batch's rank-mean loss is checked as it comes (one scalar all-reduce), so a non-finite one anywhere in the
+    window makes every rank discard the whole window together."""
+    k_total, values, bad, name = len(micro_phases), [], False, None
+    for k, phases in enumerate(micro_phases):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=policy.bf16):
+            phase = next(phases)
+        if next(phases, None) is not None or (name is not None and phase.optimizer != name):
+            raise ValueError("gradient accumulation needs a task with one phase (one optimizer) per step")
+        name = phase.optimizer
+        loss = phase.loss if policy.poison is None else policy.poison(phase.loss, step)
+        values.append(_rank_mean([loss, *phase.metrics.values()], policy.mean_group))
+        bad = bad or not math.isfinite(values[-1][0])
+        norm = optimizers[name].accumulate(loss, k, k_total, bad)
+    means = [sum(v[i] for v in values) / k_total for i in range(len(values[0]))]
+    return StepResult(loss=means[0], grad_norm=norm, metrics=dict(zip(phase.metrics, means[1:])))
 
 
 def _set_sync(model: torch.nn.Module | None, last: bool) -> None:
