@@ -94,6 +94,10 @@ class Workload:
     video_tokens: int  # V
     text_tokens: int  # T
     zero_stage: int = 3  # 3: blocks re-gather their params in backward
+    act_bytes: int = _F32  # activation dtype in TP / CP collectives (2 under trainer.precision=bf16)
+    param_bytes: int = _F32  # FSDP2 all-gathered parameter dtype (2 under bf16); gradients reduce in fp32
+    recompute_blocks: bool = False  # memory.recompute=full: each block's forward collectives run again in backward
+    recompute_attention: bool = False  # full or selective attention recompute: the ring's forward sends run again
 
 
 _COLWISE = ("q", "k", "v", "fc1", "mlp_in")  # module names whose weight / bias shard dim 0 under TP
@@ -113,10 +117,11 @@ def tp_local_shape(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...
     return shape
 
 
-def fsdp_units(model: torch.nn.Module) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
-    """FSDP2 units of parallelize.apply_fsdp: each block, the refiner, and the root (everything else)."""
+def fsdp_units(named_shapes) -> dict[str, list[tuple[str, tuple[int, ...]]]]:
+    """FSDP2 units of parallelize.apply_fsdp over (name, shape) pairs (e.g. memory_model.param_shapes): each block,
+    the refiner, and the root (everything else)."""
     units: dict[str, list] = defaultdict(list)
-    for name, p in model.named_parameters():
+    for name, shape in named_shapes:
         parts = name.split(".")
         if parts[0] in ("double_blocks", "single_blocks"):
             unit = ".".join(parts[:2])
@@ -124,24 +129,25 @@ def fsdp_units(model: torch.nn.Module) -> dict[str, list[tuple[str, tuple[int, .
             unit = "text_refiner"
         else:
             unit = "root"
-        units[unit].append((name, tuple(p.shape)))
+        units[unit].append((name, tuple(shape)))
     return units
 
 
-def _fsdp_bytes(model, tp: int, shard: int, replicate: int, zero_stage: int) -> dict[str, int]:
-    """FSDP2: all-gather the padded flat params per unit (twice for re-sharded units under ZeRO-3), reduce-scatter
-    the gradients once, and all-reduce the sharded gradients over dp_replicate (HSDP)."""
+def _fsdp_bytes(units: dict, tp: int, shard: int, replicate: int, w: Workload) -> dict[str, int]:
+    """FSDP2 over `units` (fsdp_units): all-gather the padded flat params per unit in w.param_bytes (twice for
+    re-sharded units under ZeRO-3), reduce-scatter the fp32 gradients once, all-reduce the sharded gradients over
+    dp_replicate (HSDP)."""
     out: dict[str, int] = defaultdict(int)
     if shard * replicate == 1:
         return out
-    for unit, params in fsdp_units(model).items():
+    for unit, params in units.items():
         shard_numel = 0
         for name, shape in params:
             local = tp_local_shape(name, shape, tp)
             shard_numel += math.ceil(local[0] / shard) * math.prod(local[1:])  # FSDP2 pads dim 0 per param
-        gathers = 2 if (zero_stage >= 3 and unit != "root") else 1
+        gathers = 2 if (w.zero_stage >= 3 and unit != "root") else 1
         if shard > 1:
-            out["all_gather"] += gathers * shard * shard_numel * _F32
+            out["all_gather"] += gathers * shard * shard_numel * w.param_bytes
             out["reduce_scatter"] += shard * shard_numel * _F32
         if replicate > 1:
             out["all_reduce"] += shard_numel * _F32
@@ -158,29 +164,31 @@ def _round_up(n: int, k: int) -> int:
 
 def _tp_bytes(cfg, dims, w: Workload) -> dict[str, int]:
     """TP + SP activations (tensor_parallel.py, context_wrap.py); each gather's adjoint is a reduce-scatter and
-    vice versa, so forward + backward moves each SP boundary once each way."""
+    vice versa, so forward + backward moves each SP boundary once each way. Everything here is an activation or the
+    gradient of a compute-dtype parameter: w.act_bytes. Full recompute runs each block's forward half again."""
     out: dict[str, int] = defaultdict(int)
-    tp, b, D, T = dims.tp, w.batch, cfg.hidden_size, w.text_tokens
+    tp, b, D, T, a = dims.tp, w.batch, cfg.hidden_size, w.text_tokens, w.act_bytes
     if tp == 1:
         return out
     vp = _round_up(_ceil_div(w.video_tokens, dims.cp), tp)
     tpad = _round_up(T, tp)
-    act = {"img": b * vp * D * _F32, "txt": b * tpad * D * _F32}  # one stream's gathered activations
+    act = {"img": b * vp * D * a, "txt": b * tpad * D * a}  # one stream's gathered activations
+    again = int(w.recompute_blocks)  # forward collectives repeated in backward
     for _ in range(cfg.num_double_blocks):
         for s in ("img", "txt"):
-            out["all_gather"] += 4 * act[s]  # attn in, MLP in (forward); o, fc2 adjoints (backward)
-            out["reduce_scatter"] += 4 * act[s]
-            out["all_gather"] += b * 6 * D * _F32  # the modulation vector (forward)
-            out["reduce_scatter"] += b * 6 * D * _F32  # its partial gradient (backward)
-            out["all_reduce"] += b * D * _F32  # the gradient of the modulation's input (column-parallel, backward)
-            out["all_reduce"] += 2 * cfg.head_dim * _F32  # qk-norm weight gradients
+            out["all_gather"] += (4 + 2 * again) * act[s]  # attn in, MLP in (fwd); o, fc2 adjoints (bwd)
+            out["reduce_scatter"] += (4 + 2 * again) * act[s]
+            out["all_gather"] += (1 + again) * b * 6 * D * a  # the modulation vector (forward)
+            out["reduce_scatter"] += b * 6 * D * a  # its partial gradient (backward)
+            out["all_reduce"] += b * D * a  # the gradient of the modulation's input (column-parallel, backward)
+            out["all_reduce"] += 2 * cfg.head_dim * a  # qk-norm weight gradients
     for _ in range(cfg.num_single_blocks):
-        out["all_gather"] += 2 * (act["img"] + act["txt"])  # join (forward), split adjoint (backward)
-        out["reduce_scatter"] += 2 * (act["img"] + act["txt"])
-        out["all_gather"] += b * 3 * D * _F32
-        out["reduce_scatter"] += b * 3 * D * _F32
-        out["all_reduce"] += b * D * _F32 + 2 * cfg.head_dim * _F32
-    out["all_reduce"] += cfg.num_refiner_blocks * 4 * b * T * D * _F32  # o, fc2 (fwd); attn in, fc1 in (bwd)
+        out["all_gather"] += (2 + again) * (act["img"] + act["txt"])  # join (forward), split adjoint (backward)
+        out["reduce_scatter"] += (2 + again) * (act["img"] + act["txt"])
+        out["all_gather"] += (1 + again) * b * 3 * D * a
+        out["reduce_scatter"] += b * 3 * D * a
+        out["all_reduce"] += b * D * a + 2 * cfg.head_dim * a
+    out["all_reduce"] += cfg.num_refiner_blocks * 4 * b * T * D * a  # o, fc2 (fwd); attn in, fc1 in (bwd)
     out["all_gather"] += 2 * act["img"] + act["txt"]  # exit gather (fwd); entry splits' adjoints (bwd)
     # the last block's text output feeds nothing, so backward skips what only flows from it
     if cfg.num_single_blocks:
@@ -191,43 +199,59 @@ def _tp_bytes(cfg, dims, w: Workload) -> dict[str, int]:
     return out
 
 
-def _cp_bytes(cfg, dims, w: Workload) -> dict[str, int]:
-    """Context parallel attention (ring / Ulysses / USP) per block, plus the final CP gather of the video."""
-    out: dict[str, int] = defaultdict(int)
+def _cp_bytes(cfg, dims, w: Workload) -> dict[str, dict[str, int]]:
+    """Context parallel attention per block: {"ulysses": its all-to-alls and text gathers (Ulysses group), "ring": the
+    K/V sends (ring group), "cp_exit": the final gather of the video over all cp ranks}. Q/K/V and outputs move in
+    w.act_bytes; the ring's dK/dV accumulators travel in fp32. Recompute runs forward exchanges again in backward:
+    full recompute all of them, selective attention recompute the ring's K/V and Ulysses' q, k, v (not its output)."""
+    out = {"ulysses": defaultdict(int), "ring": defaultdict(int), "cp_exit": defaultdict(int)}
     if dims.cp == 1:
         return out
-    b, Dh, D = w.batch, cfg.head_dim, cfg.hidden_size
+    b, Dh, D, a = w.batch, cfg.head_dim, cfg.hidden_size, w.act_bytes
     vc = _ceil_div(w.video_tokens, dims.cp)
     tpad = _round_up(w.text_tokens, dims.tp)
     heads = cfg.num_heads // dims.tp
     blocks = cfg.num_double_blocks + cfg.num_single_blocks
     u, r = dims.ulysses, dims.ring
-    vid = b * heads * vc * Dh * _F32  # one of q / k / v / out: video rows of this CP rank, local heads
+    vid = b * heads * vc * Dh  # elements of one of q / k / v / out: video rows of this CP rank, local heads
     if u > 1:
-        out["all_to_all"] += blocks * 2 * (3 * vid + vid)  # q, k, v in and out back, forward and backward
-        txt = b * heads * tpad * Dh * _F32
-        out["all_gather"] += blocks * txt  # text output over heads (forward)
-        out["reduce_scatter"] += blocks * txt  # its adjoint (backward)
+        again_a2a = 4 * vid if w.recompute_blocks else 3 * vid * int(w.recompute_attention)
+        out["ulysses"]["all_to_all"] += blocks * (2 * 4 * vid + again_a2a) * a  # q, k, v in, out back; fwd + bwd
+        txt = b * heads * tpad * Dh * a
+        out["ulysses"]["all_gather"] += blocks * (1 + int(w.recompute_blocks)) * txt  # text out over heads (fwd)
+        out["ulysses"]["reduce_scatter"] += blocks * txt  # its adjoint (backward)
     if r > 1:
-        kv = 2 * vid  # a ring K/V block: u * Vc tokens of N/(tp*u) heads, the same bytes
-        out["send"] += blocks * ((r - 1) * kv + (r - 1) * kv + r * kv)  # K/V fwd, K/V bwd, dK/dV accumulators
-    full = b * dims.cp * vc * D * _F32
-    out["all_gather"] += full  # final gather (forward)
-    out["reduce_scatter"] += full  # its adjoint (backward)
+        kv = 2 * vid  # a ring K/V block: u * Vc tokens of N/(tp*u) heads, the same elements
+        again = int(w.recompute_attention or w.recompute_blocks)
+        # K/V forward (again under recompute), K/V backward, dK/dV accumulators (fp32)
+        out["ring"]["send"] += blocks * ((1 + again) * (r - 1) * kv * a + (r - 1) * kv * a + r * kv * _F32)
+    full = b * dims.cp * vc * D * a
+    out["cp_exit"]["all_gather"] += full  # final gather (forward)
+    out["cp_exit"]["reduce_scatter"] += full  # its adjoint (backward)
     return out
+
+
+def layout_bytes(cfg, units: dict, dims, w: Workload) -> dict[str, dict[str, int]]:
+    """Predicted {part: {kind: bytes per rank}} for one forward + backward of a DiT of config `cfg` whose FSDP units
+    are `units` (fsdp_units) under `dims`: parts "fsdp" (dp_shard x cp, and dp_replicate's all-reduce), "tp",
+    "ulysses", "ring" and "cp_exit" (see _cp_bytes)."""
+    fsdp = _fsdp_bytes(units, dims.tp, dims.dp_shard * dims.cp, dims.dp_replicate, w)
+    return {"fsdp": fsdp, "tp": _tp_bytes(cfg, dims, w), **_cp_bytes(cfg, dims, w)}
+
+
+def wire_bytes(payload: dict[str, int], group: int) -> float:
+    """Bytes on the wire per rank for a {kind: payload} table in a group of `group` ranks (the module's convention)."""
+    g = (group - 1) / group
+    factor = {"send": 1.0, "all_reduce": 2 * g, "broadcast": 1.0}
+    return sum(n * factor.get(kind, g) for kind, n in payload.items())
 
 
 def analytic_bytes(model, dims, w: Workload) -> dict[str, int]:
     """Predicted {kind: bytes per rank} for one forward + backward of `model` (a DiT, any device incl. meta) under
     `dims`, FSDP sharding over dp_shard x cp as in parallelize.py."""
-    cfg = model.config
     total: dict[str, int] = defaultdict(int)
-    parts = (
-        _fsdp_bytes(model, dims.tp, dims.dp_shard * dims.cp, dims.dp_replicate, w.zero_stage),
-        _tp_bytes(cfg, dims, w),
-        _cp_bytes(cfg, dims, w),
-    )
-    for part in parts:
+    units = fsdp_units((n, p.shape) for n, p in model.named_parameters())
+    for part in layout_bytes(model.config, units, dims, w).values():
         for kind, n in part.items():
             total[kind] += n
     return {k: total[k] for k in KINDS if total.get(k)}

@@ -215,11 +215,18 @@ class MeshCollectives(TorchDispatchMode):
 
     def _dim(self, args, kwargs) -> str:
         for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.ScriptObject):  # a c10d op's boxed ProcessGroup
-                a = dist.ProcessGroup.unbox(a)
+            if isinstance(a, torch.ScriptObject):  # a c10d op's boxed ProcessGroup (or ReduceOp: skipped)
+                try:
+                    a = dist.ProcessGroup.unbox(a)
+                except RuntimeError:
+                    continue
             name = a if isinstance(a, str) else getattr(a, "group_name", None)
             if name in self.names:
                 return self.names[name]
+            if isinstance(a, dist.ProcessGroup):  # a group outside the mesh's named dims (USP's ring / Ulysses)
+                dim = f"other_{a.size()}"
+                self.sizes[dim] = a.size()
+                return dim
         return "other"
 
     def report(self) -> dict:
@@ -375,7 +382,7 @@ def plan_figures(cfg, dims: ParallelDims) -> dict:
         "comm_buffers": est.comm_buffers,
         "peak": est.peak,
         "peak_before_slack": int((est.peak - est.reserve) / (1 + est.fragmentation)),  # without slack and reserve
-        "comm_wire": {k: int(v) for k, v in comm_bytes(dit, w, lay, pol, est).items()},  # fsdp, tp, ring, ulysses
+        "comm_wire": {k: int(v) for k, v in comm_bytes(dit, w, lay, pol).items()},  # fsdp, tp, ring, ulysses
     }
 
 
@@ -418,6 +425,8 @@ def format_summary(rec: dict) -> str:
     )
     for dim, c in rec["collectives_per_step"].items():
         lines.append(f"  {dim:<12} group {c['size']:>3}: {c['wire'] / 1e9:8.2f} GB on the wire ({c['payload']})")
+    planned = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in plan["comm_wire"].items() if v)
+    lines.append(f"  plan's wire GB: {planned}")
     return "\n".join(lines)
 
 

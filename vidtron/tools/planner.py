@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from vidtron.errors import ConfigError
 from vidtron.models.dit.configs import DiTConfig
 from vidtron.parallel.dims import ParallelDims
+from vidtron.tools.comm_accounting import Workload as CommWorkload
+from vidtron.tools.comm_accounting import fsdp_units, layout_bytes, wire_bytes
 from vidtron.tools.flops import forward_flops
 from vidtron.tools.memory_model import (
     GIB,
@@ -105,26 +107,30 @@ def _span(lay: Layout, inner: int, size: int, hw: Hardware) -> float:
     return hw.nvlink_gbps if inner * size <= hw.gpus_per_node else hw.ib_gbps
 
 
-def comm_bytes(cfg: DiTConfig, w: Workload, lay: Layout, pol: Policy, est) -> dict[str, float]:
-    """Bytes each rank sends per step, by kind: (g-1)/g x payload for gathers / scatters / all-to-all."""
-    B, D, s = w.batch, cfg.hidden_size, w.act_bytes
-    V, T = count_video_tokens(cfg, w.video_grid), w.text_tokens
-    chunk = -(-V // lay.cp)
-    nd, ns = cfg.num_double_blocks, cfg.num_single_blocks
-    refwd = 2 if pol.recompute == "full" else 1  # forwards per step (full recompute runs it again)
-    out = {}
-    full_params = est.states.params / 4 * lay.shard  # TP-local unsharded parameters
-    S, R = lay.shard, lay.dp_replicate
-    gathers = 2 if lay.zero_stage >= 3 else 1
-    out["fsdp"] = (S - 1) / S * full_params * (gathers * w.param_bytes + 4) + 2 * (R - 1) / R * full_params / S * 4
-    g = (lay.tp - 1) / lay.tp
-    per_block = B * D * s * ((chunk + T) * 8 * nd / 2 + (chunk + T) * 4 * ns / 2)  # AG + RS, fwd + bwd
-    out["tp"] = g * per_block * (1 + (refwd - 1) / 2)
-    ring, u = lay.cp // lay.ulysses, lay.ulysses
-    kv = 2 * B * chunk * D // lay.tp
-    attn_refwd = 2 if pol.recompute == "full" or (pol.recompute == "selective" and pol.selective == "attn") else 1
-    out["ring"] = (nd + ns) * (ring - 1) * kv * (s * (attn_refwd + 1) + 4) if ring > 1 else 0
-    out["ulysses"] = (nd + ns) * (u - 1) / u * 4 * B * chunk * D // lay.tp * s * (attn_refwd + 1) if u > 1 else 0
+def comm_bytes(cfg: DiTConfig, w: Workload, lay: Layout, pol: Policy, shapes=None) -> dict[str, float]:
+    """Bytes each rank sends per step, by kind (fsdp, tp, ring, ulysses): the analytic collective model of
+    vidtron/tools/comm_accounting.py (the one the dry run and the gloo benches measure against), in the workload's
+    dtypes, on the wire ((g-1)/g x payload for gathers / scatters / all-to-all, 2(g-1)/g for all-reduce)."""
+    shapes = shapes if shapes is not None else param_shapes(cfg)
+    dims = ParallelDims(lay.dp_replicate, lay.dp_shard, lay.cp, lay.tp, lay.cp_mode, lay.ulysses)
+    aw = CommWorkload(
+        batch=w.batch,
+        video_tokens=count_video_tokens(cfg, w.video_grid),
+        text_tokens=w.text_tokens,
+        zero_stage=lay.zero_stage,
+        act_bytes=w.act_bytes,
+        param_bytes=w.param_bytes,
+        recompute_blocks=pol.recompute == "full",
+        recompute_attention=pol.recompute == "selective" and pol.selective == "attn",
+    )
+    parts = layout_bytes(cfg, fsdp_units(shapes), dims, aw)
+    fsdp = parts["fsdp"]
+    out = {"fsdp": wire_bytes({k: v for k, v in fsdp.items() if k != "all_reduce"}, lay.shard)}
+    out["fsdp"] += wire_bytes({"all_reduce": fsdp.get("all_reduce", 0)}, lay.dp_replicate)
+    out["tp"] = wire_bytes(parts["tp"], lay.tp)
+    exit_gather = wire_bytes(parts["cp_exit"], lay.cp)  # counted with the attention exchange it belongs to
+    out["ring"] = wire_bytes(parts["ring"], lay.cp // lay.ulysses) + (exit_gather if lay.ulysses == 1 else 0)
+    out["ulysses"] = wire_bytes(parts["ulysses"], lay.ulysses) + (exit_gather if lay.ulysses > 1 else 0)
     return out
 
 
@@ -142,7 +148,7 @@ def step_flops(cfg: DiTConfig, w: Workload, pol: Policy, shapes=None) -> tuple[f
 
 def step_seconds(cfg, w: Workload, lay: Layout, pol: Policy, est, shapes, hw: Hardware) -> tuple[float, float]:
     """(estimated step time, communication bytes per rank)."""
-    comm = comm_bytes(cfg, w, lay, pol, est)
+    comm = comm_bytes(cfg, w, lay, pol, shapes)
     flops, blocks_fwd = step_flops(cfg, w, pol, shapes)
     compute = flops / (lay.tp * lay.cp) / (hw.tflops * 1e12)
     gb = 1e9
