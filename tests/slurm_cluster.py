@@ -76,13 +76,13 @@ class SlurmCluster:
         self.procs: list[subprocess.Popen] = []
         self.conf = self.root / "slurm.conf"
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+        self.node = socket.gethostname().split(".")[0]  # the one node's SLURM name (slurmd's host name)
 
     def start(self, timeout_s: float = 30) -> SlurmCluster:
         d = self.root
         for sub in ("state", "spool"):
             (d / sub).mkdir(parents=True, exist_ok=True)
-        host = socket.gethostname().split(".")[0]
-        self.conf.write_text(_conf(d, host, self.cpus))
+        self.conf.write_text(_conf(d, self.node, self.cpus))
         key = d / "munge.key"
         subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
         os.chmod(key, 0o600)

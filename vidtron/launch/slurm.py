@@ -5,8 +5,14 @@
 The job runs one `torchrun` per node through `srun`, joined by a c10d rendezvous on the first node of the
 allocation (`scontrol show hostnames`). Failures are handled at two levels: torchrun restarts the local
 group `launcher.max_restarts` times, and when the step itself fails (a node dies, the step is killed) the
-script requeues the job (`#SBATCH --requeue`, then `scontrol requeue`) up to `launcher.max_failures`
-times. Every start resumes from the newest committed checkpoint in run_dir.
+script requeues the job (`#SBATCH --requeue`) up to `launcher.max_failures` times. Every start resumes from
+the newest committed checkpoint in run_dir.
+
+Each node's torchrun runs under `vidtron.launch.slurm_node`, which records a `node_exit` event (SLURM node name,
+exit status) when torchrun fails on its own; after a failed step `vidtron.launch.slurm_requeue` blames the first
+node to fail, writes the `failure` event with its `hosts`, and requeues the job with that node added to its
+ExcNodeList (`launcher.exclude_failed_nodes`, at most `launcher.max_excluded_nodes`, never leaving the partition
+fewer usable nodes than the job needs). `launcher.exclude_nodes` is a static `#SBATCH --exclude`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import vidtron
 from vidtron.launch.cluster import ClusterConfig, load_cluster, sbatch_options
 from vidtron.launch.preflight import preflight
 from vidtron.platform.config import TrainConfig
@@ -27,7 +34,8 @@ def _sbatch_lines(c: ClusterConfig, cfg: TrainConfig, log_dir: Path) -> list[str
     head = [f"--nodes={c.nodes}", "--ntasks-per-node=1"]
     head += [f"--gpus-per-node={c.gpus_per_node}"] if c.gpus_per_node else []
     head += [f"--cpus-per-task={c.cpus_per_node}"] if c.cpus_per_node else []
-    return sbatch_options(c, f"vidtron-{Path(cfg.run_dir).name}", f"{log_dir}/%x-%j.out", head, ["--requeue"])
+    tail = ["--requeue"] + ([f"--exclude={','.join(cfg.launcher.exclude_nodes)}"] if cfg.launcher.exclude_nodes else [])
+    return sbatch_options(c, f"vidtron-{Path(cfg.run_dir).name}", f"{log_dir}/%x-%j.out", head, tail)
 
 
 def _rdzv_port_lines(c: ClusterConfig, python: str) -> list[str]:
@@ -37,6 +45,26 @@ def _rdzv_port_lines(c: ClusterConfig, python: str) -> list[str]:
         pick = "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])"
         return [f'RDZV_PORT=$({python} -c "{pick}")  # a free port on the only node']
     return ["RDZV_PORT=$((20000 + SLURM_JOB_ID % 20000))  # the same on every node"]
+
+
+def _requeue_lines(cfg: TrainConfig, cluster: ClusterConfig, python: str, run_dir: Path) -> list[str]:
+    """After the step: on failure, the requeue helper (failure record, node exclusion, requeue); plain `scontrol
+    requeue` if the helper itself fails. With a container the helper runs on the host's python3 (stdlib only)."""
+    lc = cfg.launcher
+    helper = python
+    if cluster.container_image:
+        helper = f"PYTHONPATH={shlex.quote(str(Path(vidtron.__file__).resolve().parents[1]))} python3"
+    flags = f'--exit "$status" --max-failures {lc.max_failures} --max-excluded-nodes {lc.max_excluded_nodes}'
+    flags += "" if lc.exclude_failed_nodes else " --no-exclude"
+    return [
+        "status=$?",
+        'if [ "$status" -ne 0 ]; then',
+        "  trap '' TERM  # requeueing signals this script: let the helper finish",
+        f"  {helper} -m vidtron.launch.slurm_requeue {shlex.quote(str(run_dir))} {flags} \\",
+        f'    || {{ [ "${{SLURM_RESTART_COUNT:-0}}" -lt {lc.max_failures} ] && scontrol requeue "$SLURM_JOB_ID"; }}',
+        "fi",
+        'exit "$status"',
+    ]
 
 
 def sbatch_script(cfg: TrainConfig, argv: list[str], cluster: ClusterConfig, cluster_name: str) -> str:
@@ -65,20 +93,9 @@ def sbatch_script(cfg: TrainConfig, argv: list[str], cluster: ClusterConfig, clu
     lines += _rdzv_port_lines(cluster, python)
     lines += ['echo "vidtron: job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0}: rendezvous $HEAD_NODE:$RDZV_PORT"']
     lines += [" ".join(["srun", "--kill-on-bad-exit=1", *container, "\\"])]
+    lines += [f"  {python} -m vidtron.launch.slurm_node {shlex.quote(str(run_dir))} -- \\"]
     lines += [f"  {part} \\" for part in torchrun[:-1]] + [f"  {torchrun[-1]}"]
-    lines += [
-        "status=$?",
-        'if [ "$status" -ne 0 ]; then',
-        '  printf \'{"event": "failure", "time": %s, "pid": %s, "launcher": "slurm", "job": "%s", "attempt": %s, "exit": %s}\\n\' \\',
-        '    "$(date +%s.%N)" "$$" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" "$status" >> '
-        + shlex.quote(str(run_dir / "events.jsonl")),
-        "fi",
-        f'if [ "$status" -ne 0 ] && [ "${{SLURM_RESTART_COUNT:-0}}" -lt {cfg.launcher.max_failures} ]; then',
-        '  echo "vidtron: step failed (exit $status); requeueing job $SLURM_JOB_ID"',
-        '  scontrol requeue "$SLURM_JOB_ID"',
-        "fi",
-        'exit "$status"',
-    ]
+    lines += _requeue_lines(cfg, cluster, python, run_dir)
     return "\n".join(lines) + "\n"
 
 

@@ -238,6 +238,15 @@ class LauncherConfig:
     cluster: str = ""  # slurm / ray: a name in cluster_configs/ (or a .yaml path); ray without one runs locally
     dry_run: bool = False  # slurm: print the sbatch script instead of submitting it
     world_size: int = 0  # dryrun: simulated ranks (e.g. 256); 0 = dp_replicate * dp_shard * cp * tp (dp_shard -1 = 1)
+    exclude_failed_nodes: bool = True  # slurm: requeue without the node whose torchrun failed first (ExcNodeList)
+    max_excluded_nodes: int = 8  # slurm: most nodes one job excludes for failures (never below the job's node count)
+    exclude_nodes: list[str] = field(default_factory=list)  # slurm: nodes never used (#SBATCH --exclude), e.g. [gpu017]
+
+    @staticmethod
+    def _is_hostlist(name: str) -> bool:
+        """A node name or SLURM hostlist (gpu017, gpu[040-043,050]): what `--exclude` takes, nothing a shell reads."""
+        chars = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-[],")
+        return bool(name) and set(name) <= chars and name.count("[") == name.count("]") and name[0] not in "-[,"
 
     def __post_init__(self) -> None:
         if self.kind not in LAUNCHERS:
@@ -250,6 +259,13 @@ class LauncherConfig:
             raise ConfigError("launcher.world_size", self.world_size, "must be >= 0 (0 = the layout's product)")
         if self.kind == "slurm" and not self.cluster:
             raise ConfigError("launcher.cluster", self.cluster, "launcher=slurm needs a cluster_configs/<name>.yaml")
+        if self.max_excluded_nodes < 1:
+            fix = "must be >= 1; to requeue without excluding nodes set launcher.exclude_failed_nodes=false"
+            raise ConfigError("launcher.max_excluded_nodes", self.max_excluded_nodes, fix)
+        for node in self.exclude_nodes:
+            if not self._is_hostlist(str(node)):
+                fix = "node names or SLURM hostlists, e.g. [gpu017,'gpu[040-043]'] (no spaces or shell characters)"
+                raise ConfigError("launcher.exclude_nodes", node, fix)
 
 
 @dataclass
