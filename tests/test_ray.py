@@ -7,6 +7,7 @@ tag still alive afterwards is SIGKILLed by PID (never `ray stop`, which would st
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -117,6 +118,8 @@ def test_sigkilled_worker_restarts_the_group_from_our_checkpoint(synth_data, ref
     ev = assert_resumed_from(box.run_dir, 4)
     assert [e["attempts"] for e in ev if e["event"] == "restart"] == [{"ray": 1}]
     assert_matches_reference(box.run_dir, ref)
+    placement = json.loads((box.run_dir / "ray" / "placement.json").read_text())  # the restarted group's record
+    assert (placement["attempt"], placement["world"], list(placement["nodes"].values())) == (1, 2, [[0, 1]])
     assert (box.run_dir / "ray" / "tmp").is_dir()  # Ray's own session files stayed in the run dir
     assert_nothing_outside(tmp_path)
     assert box.cleanup() == []  # ray.shutdown() left no process behind

@@ -1,5 +1,6 @@
 """Cluster descriptions and start-up shared by the launchers (train, sweep): `cluster_configs/<name>.yaml`, a
-private local Ray instance, and the #SBATCH header of a job script.
+private local Ray instance, the #SBATCH header of a job script, and the checks of a Ray worker layout (nodes x
+workers per node against the parallel layout and against what a running Ray cluster offers).
 """
 
 from __future__ import annotations
@@ -7,11 +8,13 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass, field
+from math import floor
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from vidtron.errors import ConfigError
+from vidtron.platform.config import ParallelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # nothing large goes through Ray's object store
@@ -39,7 +42,11 @@ class ClusterConfig:
     python: str = ""  # interpreter on the nodes; "" = the one running vidtron-train
     rdzv_port: int = 0  # c10d rendezvous port on the head node; 0 = a free one (1 node) or derived from the job id
     extra_sbatch: list[str] = field(default_factory=list)  # more #SBATCH options, e.g. --exclusive
-    ray_address: str = ""  # launcher=ray: a running Ray cluster (ray://head:10001 or head:6379); "" = local
+    ray_address: str = ""  # launcher=ray: a running Ray cluster (head:6379 or ray://head:10001); "" = local
+    # launcher=ray: a custom resource every Ray node advertises procs_per_node of (`ray start
+    # --resources='{"vidtron_slot": 8}'`); each worker takes one, so each node gets exactly procs_per_node
+    # workers. "" = place by GPUs / CPUs alone (PACK) and only verify the placement
+    ray_slot_resource: str = ""
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
@@ -122,3 +129,97 @@ def _temp_dir(run_dir: Path) -> str | None:
     AF_UNIX; otherwise Ray's default (/tmp/ray)."""
     path = run_dir / "ray" / "tmp"
     return str(path) if len(str(path)) <= MAX_RAY_TEMP_DIR_CHARS else None
+
+
+@dataclass(frozen=True)
+class RayLayout:
+    """Where launcher=ray puts its workers: `nodes` Ray nodes with `procs` workers each, world ranks node by node
+    (Ray Train V2 groups a node's workers into consecutive ranks), so a TP group of consecutive ranks whose size
+    divides `procs` never leaves its node."""
+
+    nodes: int  # Ray nodes the workers run on
+    procs: int  # workers per node
+    source: str  # the config fields the sizes come from, for error messages
+    slot: str = ""  # custom per-node resource that caps a node at `procs` workers ("" = none)
+    address: str = ""  # the Ray cluster to connect to ("" = a private local instance)
+
+    @property
+    def world(self) -> int:
+        return self.nodes * self.procs
+
+
+def ray_layout(cluster: ClusterConfig | None, nproc_per_node: int, name: str = "") -> RayLayout:
+    """nodes x procs_per_node from the cluster config; without one, launcher.nproc_per_node workers on this host."""
+    if cluster is None:
+        return RayLayout(1, nproc_per_node, "launcher.nproc_per_node")
+    if cluster.nodes > 1 and not cluster.ray_address:
+        raise ConfigError(
+            "cluster.ray_address",
+            "",
+            f"{name or 'the cluster config'} asks for {cluster.nodes} nodes: set ray_address to the head of a running "
+            "Ray cluster (`ray start --head` there; see cluster_configs/ray_example.yaml), or nodes: 1 for a local run",
+        )
+    source = f"cluster.nodes x cluster.procs_per_node of {name}" if name else "cluster.nodes x cluster.procs_per_node"
+    return RayLayout(cluster.nodes, cluster.procs, source, cluster.ray_slot_resource, cluster.ray_address)
+
+
+def check_ray_layout(layout: RayLayout, p: ParallelConfig) -> None:
+    """The worker count fits the parallel layout, and a TP group fits on one node; before Ray starts."""
+    fixed = p.dp_replicate * p.cp * p.tp * (p.dp_shard if p.dp_shard > 0 else 1)
+    if (p.dp_shard > 0 and fixed != layout.world) or layout.world % fixed:
+        shard = "dp_shard (-1: the rest)" if p.dp_shard == -1 else f"dp_shard={p.dp_shard}"
+        raise ConfigError(
+            "parallel",
+            f"dp_replicate={p.dp_replicate} x {shard} x cp={p.cp} x tp={p.tp}",
+            f"does not fit the {layout.world} Ray workers ({layout.source}: {layout.nodes} x {layout.procs}); "
+            f"make the layout's product {layout.world} or change the worker count to a multiple of {fixed}",
+        )
+    if layout.procs % p.tp:
+        valid = [d for d in range(1, layout.procs + 1) if layout.procs % d == 0]
+        raise ConfigError(
+            "parallel.tp",
+            p.tp,
+            f"a TP group must sit on one node, so tp must divide the {layout.procs} workers per node "
+            f"({layout.source}); choose tp in {valid} or give each node a multiple of {p.tp} workers",
+        )
+
+
+def worker_resources(layout: RayLayout, use_gpu: bool) -> dict[str, float]:
+    """What one Ray worker reserves: a CPU, a GPU on GPU clusters, one slot of the per-node slot resource."""
+    need = {"CPU": 1.0}
+    need.update({"GPU": 1.0} if use_gpu else {})
+    need.update({layout.slot: 1.0} if layout.slot else {})
+    return need
+
+
+def check_ray_capacity(layout: RayLayout, need: dict[str, float], ray_nodes: list[dict]) -> None:
+    """Fail (instead of waiting forever for a placement group) when the connected Ray cluster cannot hold
+    `layout.nodes` nodes of `layout.procs` workers; `ray_nodes` is `ray.nodes()`."""
+    alive = [n for n in ray_nodes if n.get("Alive")]
+    fits = {n["NodeID"]: _workers_on(n.get("Resources", {}), need) for n in alive}
+    summary = ", ".join(f"{n['NodeManagerAddress']}/{n['NodeID'][:8]}: {fits[n['NodeID']]}" for n in alive[:8])
+    where = layout.address or "the local Ray instance"
+    if layout.slot:
+        uneven = [n for n in alive if n.get("Resources", {}).get(layout.slot, layout.procs) != layout.procs]
+        if uneven:
+            n = uneven[0]
+            raise ConfigError(
+                "cluster.ray_slot_resource",
+                layout.slot,
+                f"node {n['NodeManagerAddress']}/{n['NodeID'][:8]} of {where} advertises "
+                f"{n['Resources'][layout.slot]:g} {layout.slot} but each node must hold exactly procs_per_node="
+                f"{layout.procs} workers; start every node with --resources='{{\"{layout.slot}\": {layout.procs}}}'",
+            )
+    if sum(f >= layout.procs for f in fits.values()) < layout.nodes:
+        raise ConfigError(
+            "cluster.nodes",
+            layout.nodes,
+            f"{where} has {len(alive)} live node(s) holding [{summary}] workers of {need}, but {layout.nodes} "
+            f"node(s) with {layout.procs} each are needed ({layout.source}); add nodes (`ray start --address=...` "
+            "on each, with the slot resource if configured) or ask for fewer nodes / workers per node",
+        )
+
+
+def _workers_on(resources: dict[str, float], need: dict[str, float]) -> int:
+    """How many workers needing `need` fit in a node's total `resources`."""
+    return min(floor(resources.get(key, 0.0) / amount + 1e-9) for key, amount in need.items())

@@ -44,7 +44,6 @@ def _cluster_launch(cfg, argv: list[str]) -> int:
         return launch_slurm(cfg, argv)
     from vidtron.launch.ray_launcher import launch_ray
 
-    preflight(cfg, cfg.launcher.nproc_per_node)
     return launch_ray(cfg, argv)
 
 
