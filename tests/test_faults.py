@@ -222,9 +222,10 @@ def test_sigkill_inside_an_async_checkpoint_write_leaves_it_torn(synth_data, ref
     assert_nothing_outside(tmp_path)
 
 
+@pytest.mark.slow  # make test keeps the heartbeat drill below, which restarts the same hang sooner
 def test_a_hung_rank_times_out_and_the_group_restarts(synth_data, ref, tmp_path):
-    """Rank 1 stops after step 5; rank 0's next collective times out (trainer.collective_timeout_s), the process
-    fails, torchrun restarts the group, and the run resumes from step 4."""
+    """Rank 1 stops after step 5 and heartbeats are off; rank 0's next collective times out
+    (trainer.collective_timeout_s), the process fails, torchrun restarts the group, and the run resumes from step 4."""
     extra = ["faults.hang_rank=1", "faults.hang_at_step=5", "trainer.collective_timeout_s=12"]
     run = run_torchrun(synth_data, tmp_path, *extra)
     ev = assert_resumed_from(run, 4)

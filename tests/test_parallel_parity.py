@@ -19,8 +19,8 @@ before this change). AdamW's eps can amplify rounding only where a gradient is n
 adaLN-zero every gated branch starts with gradients that are exactly 0 on every layout (multiplied by exact zeros),
 and afterwards the gradients are orders of magnitude above eps = 1e-8, so the amplification has nothing to act on.
 
-Process groups: one world-2 group runs the five 2-rank layouts one after another; one world-4 group runs the five
-4-rank layouts plus the resharding run (tp2 x cp2 -> dp4 -> 1 rank). World-8 layouts are `slow`.
+Process groups: one world-2 group runs the five 2-rank layouts one after another; one world-4 group runs three
+4-rank layouts plus the resharding run (tp2 x cp2 -> dp4 -> 1 rank). tp4, tp2 x dp2 and world-8 layouts are `slow`.
 """
 
 from __future__ import annotations
@@ -49,11 +49,13 @@ WORLD2 = {
     "dp_replicate2": ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
 }
 WORLD4 = {
-    "tp4": ["parallel.tp=4"],
     "usp2x2": ["parallel.cp=4", "parallel.cp_mode=usp", "parallel.ulysses=2"],
     "tp2_cp2": ["parallel.tp=2", "parallel.cp=2"],
-    "tp2_dp2": ["parallel.tp=2", "parallel.dp_shard=2"],
     "cp2_dp2": ["parallel.cp=2", "parallel.dp_shard=2"],
+}
+WORLD4_SLOW = {  # make test-slow: tp and dp_shard each run at 2 ranks and inside tp2_cp2 / cp2_dp2 in make test
+    "tp4": ["parallel.tp=4"],
+    "tp2_dp2": ["parallel.tp=2", "parallel.dp_shard=2"],
 }
 WORLD8 = {
     "tp2_cp2_dp2": ["parallel.tp=2", "parallel.cp=2", "parallel.dp_shard=2"],
@@ -143,6 +145,12 @@ def world4(pad_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def world4_slow(pad_data, tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("w4s"))
+    return run_ranks(_rank_layouts, 4, (str(pad_data), tmp, WORLD4_SLOW, False))[0]
+
+
+@pytest.fixture(scope="module")
 def world8(pad_data, tmp_path_factory):
     return run_ranks(_rank_layouts, 8, (str(pad_data), str(tmp_path_factory.mktemp("w8")), WORLD8, False))[0]
 
@@ -158,6 +166,12 @@ def test_two_rank_layout_matches_one_rank(name, world2, reference):
 @pytest.mark.parametrize("name", sorted(WORLD4))
 def test_four_rank_layout_matches_one_rank(name, world4, reference):
     _check(name, world4[0][name], reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(WORLD4_SLOW))
+def test_more_four_rank_layouts_match_one_rank(name, world4_slow, reference):
+    _check(name, world4_slow[name], reference)
 
 
 def test_checkpoints_reshard_tp2cp2_to_dp4_to_one_rank(world4, reference, pad_data):
