@@ -161,7 +161,7 @@ def test_bad_config_raises(field, value):
 
 def test_unsupported_diffusers_config_raises():
     with pytest.raises(ConfigError, match="image_condition_type"):
-        from_diffusers_config({"image_condition_type": "token_replace"})
+        from_diffusers_config({"image_condition_type": "latent_concat"})
     with pytest.raises(ConfigError, match="qk_norm"):
         from_diffusers_config({"qk_norm": "layer_norm"})
 

@@ -7,9 +7,11 @@
 
 DiT formats: safetensors (our names + our DiTConfig), diffusers (loads with
 `HunyuanVideoTransformer3DModel.from_pretrained(out)`), hunyuan (the original repository's names and fused
-q;k;v tensors). A `recipe=vae` checkpoint exports its causal VAE only (not the discriminator): diffusers (loads
-with `AutoencoderKLHunyuanVideo.from_pretrained(out)` and `vidtron-data encode --vae out`) or safetensors (our
-names, the same config.json). The checkpoint's manifest supplies the recipe and model flavor; any saved layout
+q;k;v tensors). An image-to-video DiT (model.image_condition=token_replace) has the text-to-video tensors; its
+config says so (diffusers: `image_condition_type: "token_replace"`, hunyuan: `i2v_condition_type`). A `recipe=vae`
+checkpoint exports its causal VAE only (not the discriminator): diffusers (loads with
+`AutoencoderKLHunyuanVideo.from_pretrained(out)` and `vidtron-data encode --vae out`) or safetensors (our names, the
+same config.json). The checkpoint's manifest supplies the recipe and model flavor; any saved layout
 exports the same. The export streams shard by shard (memory: about one --max-shard-size) and appears at --out
 only when complete.
 """

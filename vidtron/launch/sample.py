@@ -5,6 +5,7 @@
     vidtron-sample --run-dir runs/demo --prompt "..." --tp 2 --cp 2 --cp-mode ulysses --nproc 4
     vidtron-sample --run-dir runs/demo --prompt "..." --attention ssta --ssta-topk 64 --ssta-lambda 0.7
     vidtron-sample --run-dir runs/demo --prompt "..." --tile auto --tile-size 256 --tile-frames 17   # VAE decode
+    vidtron-sample --run-dir runs/i2v --prompt "the circle starts to move" --image first.png   # image-to-video
 
 The checkpoint's manifest supplies the model flavor, text encoder, clip shape and data root (for the
 autoencoder that decodes the latents); any saved layout loads into any sampling layout. With `--nproc K > 1`
@@ -18,6 +19,10 @@ of --ssta-tile tokens (default (6, 8, 8); (1, 16, 24) for one latent frame), a -
 (64, halved for <= 31 latent frames unless --no-ssta-halve-topk). One process, --tp, and --cp-mode ulysses (SSTA runs
 after the all-to-all on every video token of the rank's heads, so the masks are the single-process ones); ring and
 usp are refused. Decoding with a causal VAE (data.vae) is tiled per --tile (see vidtron/launch/encode.py).
+
+`--image` (a run trained with model.image_condition=token_replace, and only such a run): the image (png / jpg, or a
+gif's first frame), resized to the clip size, is encoded alone by the run's autoencoder (a causal VAE encodes a
+first frame by itself, as does the stand-in) into latent frame 0, which stays fixed while the other frames are sampled.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from vidtron.errors import ConfigError
@@ -44,6 +51,7 @@ from vidtron.parallel.dims import ParallelDims
 from vidtron.platform.checkpoint import latest_valid_checkpoint, load_model_weights, read_manifest
 from vidtron.platform.distributed import DistContext, init_distributed, shutdown
 from vidtron.platform.video_io import to_uint8_frames, write_gif, write_mp4
+from vidtron.recipes.dit_t2v.data import videos_to_tensor
 from vidtron.recipes.dit_t2v.sampling import SampleOptions, sample_latents
 
 
@@ -66,6 +74,7 @@ def model_config(cfg: dict) -> DiTConfig:
     model_cfg = cfg["model"]
     overrides = {k: v for k, v in model_cfg.items() if k in ("num_heads", "head_dim") and v > 0}
     overrides |= {k: v for k, v in model_cfg.items() if k in ("num_double_blocks", "num_single_blocks") and v >= 0}
+    overrides |= {"image_condition": model_cfg["image_condition"]} if model_cfg.get("image_condition") else {}
     return dit_config(model_cfg["flavor"], overrides)
 
 
@@ -121,17 +130,40 @@ def generate_latents(
     device="cpu",
     weights: str = "model",
     parallel: ParallelizeOptions | None = None,
+    image_latents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Latents [B, C, F, H, W] for `prompts` from checkpoint `ckpt`, on this process or on every rank of `dims`
     (same seeded noise everywhere, so every rank returns the same latents); also the manifest config. `parallel`
-    picks the attention core (see `load_for_sampling`)."""
+    picks the attention core (see `load_for_sampling`); `image_latents` [1, C, 1, H, W] (an image-to-video run,
+    `encode_image`) is latent frame 0 of every clip."""
     model, cfg = load_for_sampling(ckpt, dims, device, weights, parallel)
     dcfg, tcfg = model.config, cfg["text"]
     encoder = build_text_encoder(tcfg, dcfg.text_dim, dcfg.pooled_dim)
     shape = latent_shape_for(dcfg, clip_shape(cfg, *clip))
     text, uncond = encoder.encode(prompts).to(device), encoder.encode([""]).to(device)
-    z = sample_latents(model, text, uncond, shape, opts, dcfg.guidance_embeds)
+    z = sample_latents(model, text, uncond, shape, opts, dcfg.guidance_embeds, image_latents)
     return z.cpu(), cfg
+
+
+def read_image(path: str | Path, height: int, width: int) -> torch.Tensor:
+    """An image file (png / jpg; a gif's or other multi-frame file's first frame) as a one-frame clip
+    [1, 3, 1, height, width] in [-1, 1], resized (bicubic) when its size differs."""
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")  # the first frame of a multi-frame file
+    except OSError as err:
+        raise ConfigError("--image", str(path), f"cannot be read as an image ({err})") from err
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height), Image.Resampling.BICUBIC)
+    return videos_to_tensor([np.asarray(rgb)[None]])  # [1, 3, 1, H, W]
+
+
+def encode_image(path: str | Path, cfg: dict, clip=(0, 0, 0), data_root: str = "", tiling=None) -> torch.Tensor:
+    """The reference latent [1, C, 1, h, w] of an image-to-video sample: the image, at the clip's size, encoded
+    alone by the run's autoencoder (causal VAE or stand-in: both encode a first frame by itself)."""
+    _, height, width = clip_shape(cfg, *clip)
+    codec = build_tiled_encoder(data_root or cfg["data"]["root"], cfg["data"].get("vae", ""), tiling)
+    return codec(read_image(path, height, width))[:, :, :1]
 
 
 def decode_latents(z: torch.Tensor, cfg: dict, data_root: str = "", tiling: VAETiling | None = None) -> torch.Tensor:
@@ -199,7 +231,10 @@ def sample_to_files(
 ) -> list[Path]:
     ckpt = _resolve_checkpoint(a)
     clip, attn = (a.frames, a.height, a.width), attention_options(a)
-    z, cfg = generate_latents(ckpt, a.prompt, _options(a), dims, clip, device, a.weights, attn)
+    image = None
+    if a.image:
+        image = encode_image(a.image, read_manifest(ckpt)["config"], clip, a.data_root, tiling_from_args(a))
+    z, cfg = generate_latents(ckpt, a.prompt, _options(a), dims, clip, device, a.weights, attn, image)
     return write_samples(z, a.prompt, cfg, Path(a.out), a.data_root, tiling_from_args(a)) if is_main else []
 
 
@@ -222,10 +257,23 @@ def preflight(a: argparse.Namespace, world_size: int) -> ParallelDims:
         fix = "this run decodes with the stand-in autoencoder (no data.vae), which maps each patch alone: no tiling"
         raise ConfigError("--tile", tiling.mode, fix)
     dcfg = model_config(cfg)
+    check_image_argument(a.image, dcfg)
     _, f, h, w = latent_shape_for(dcfg, clip_shape(cfg, a.frames, a.height, a.width))
     pt, p, _ = dcfg.patch
     dims.validate_for(dcfg.num_heads, (f // pt) * (h // p) * (w // p), dcfg.mlp_hidden)
     return dims
+
+
+def check_image_argument(image: str | None, dcfg: DiTConfig) -> None:
+    """--image exactly when the checkpoint is an image-to-video DiT, naming an existing file."""
+    if image and not dcfg.image_condition:
+        fix = "this checkpoint is text-to-video; --image needs a run trained with model.image_condition=token_replace"
+        raise ConfigError("--image", image, fix)
+    if not image and dcfg.image_condition:
+        fix = f"this checkpoint is image-to-video ({dcfg.image_condition}): give --image PATH (png, jpg or gif)"
+        raise ConfigError("--image", image, fix)
+    if image and not Path(image).is_file():
+        raise ConfigError("--image", image, "no such file")
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -272,6 +320,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="a run folder: its newest valid checkpoint is used")
     p.add_argument("--prompt", action="append", required=True, help="a caption; repeat for several clips")
     p.add_argument("--out", default="samples")
+    p.add_argument("--image", default=None, help="image-to-video runs: the first frame (png / jpg / gif's first)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--shift", type=float, default=None, help="time shift (default: 17 under 20 steps, else 7)")
     p.add_argument("--cfg-scale", type=float, default=5.0)

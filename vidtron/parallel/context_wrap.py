@@ -88,6 +88,14 @@ class TokenSharder:
         txt = _pad_tokens(txt_BTD, lay.text_padded)  # [B, T_pad, D]
         return self._tp_split(img), self._tp_split(txt)  # [B, Vc_pad/tp, D], [B, T_pad/tp, D]
 
+    def shard_like_video(self, x_BV: Tensor) -> Tensor:
+        """A per-video-token tensor without gradient `[B, V, ...]` (e.g. a bool mask; B may be 1) -> this rank's
+        tokens, laid out as `enter` lays out the video (CP chunk, padded with zeros / False, TP slice)."""
+        lay = self.layout
+        x = _pad_tokens(self._cp_chunk(x_BV, dim=1), lay.video_padded)  # [B, Vc_pad, ...]
+        per_rank = lay.video_padded // self.tp
+        return x.narrow(1, self.tp_mesh.get_local_rank() * per_rank, per_rank)  # [B, Vc_pad/tp, ...]
+
     def _cp_chunk(self, x: Tensor, dim: int) -> Tensor:
         return x if self.cp == 1 else shard_video_tokens(x, self.cp_rank, self.cp, dim=dim)
 

@@ -26,11 +26,14 @@ class ModelConfig:
     head_dim: int = 0  # 0 = the flavor's
     num_double_blocks: int = -1  # -1 = the flavor's
     num_single_blocks: int = -1  # -1 = the flavor's
+    image_condition: str = ""  # "" = the flavor's (text-to-video); token_replace = image-to-video (latent frame 0 is
+    # the clean reference image, loss on the other frames; `vidtron-sample --image`)
 
     def arch_overrides(self) -> dict:
         """The DiTConfig fields this config overrides (used by scaling sweeps to build model families)."""
         fields = {"num_heads": self.num_heads, "head_dim": self.head_dim}
         out = {k: v for k, v in fields.items() if v > 0}
+        out |= {"image_condition": self.image_condition} if self.image_condition else {}
         out |= {
             k: v
             for k, v in (("num_double_blocks", self.num_double_blocks), ("num_single_blocks", self.num_single_blocks))

@@ -100,12 +100,8 @@ def run_accumulated(
     k_total, losses, metrics, name = len(micro_phases), [], [], None
     for k, phases in enumerate(micro_phases):
         _set_sync(model, k == k_total - 1)
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=policy.bf16):
-            phase = next(phases)
-        if next(phases, None) is not None or (name is not None and phase.optimizer != name):
-            raise ValueError("gradient accumulation needs a task with one phase (one optimizer) per step")
+        phase, loss = _micro_phase(phases, name, step, policy, device_type)
         name = phase.optimizer
-        loss = phase.loss if policy.poison is None else policy.poison(phase.loss, step)
         (loss / k_total).backward()
         losses.append(loss.detach())
         metrics.append(torch.stack([m.detach().float().reshape(()) for m in phase.metrics.values()] or [loss * 0]))
@@ -128,17 +124,22 @@ def _accumulate_engine(
     window makes every rank discard the whole window together."""
     k_total, values, bad, name = len(micro_phases), [], False, None
     for k, phases in enumerate(micro_phases):
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=policy.bf16):
-            phase = next(phases)
-        if next(phases, None) is not None or (name is not None and phase.optimizer != name):
-            raise ValueError("gradient accumulation needs a task with one phase (one optimizer) per step")
+        phase, loss = _micro_phase(phases, name, step, policy, device_type)
         name = phase.optimizer
-        loss = phase.loss if policy.poison is None else policy.poison(phase.loss, step)
         values.append(_rank_mean([loss, *phase.metrics.values()], policy.mean_group))
         bad = bad or not math.isfinite(values[-1][0])
         norm = optimizers[name].accumulate(loss, k, k_total, bad)
     means = [sum(v[i] for v in values) / k_total for i in range(len(values[0]))]
     return StepResult(loss=means[0], grad_norm=norm, metrics=dict(zip(phase.metrics, means[1:])))
+
+
+def _micro_phase(phases: Iterator[Phase], name, step: int, policy: UpdatePolicy, device_type: str):
+    """(phase, its loss after fault poisoning) of one micro-batch: exactly one phase, of optimizer `name` when given."""
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=policy.bf16):
+        phase = next(phases)
+    if next(phases, None) is not None or (name is not None and phase.optimizer != name):
+        raise ValueError("gradient accumulation needs a task with one phase (one optimizer) per step")
+    return phase, phase.loss if policy.poison is None else policy.poison(phase.loss, step)
 
 
 def _set_sync(model: torch.nn.Module | None, last: bool) -> None:

@@ -7,6 +7,10 @@ Every joint attention goes through `self.attn_core(q, k, v, text_mask)` with q, 
 qk-norm and RoPE (video tokens only), ordered [video; text] -- see vidtron/kernels/attention.py. The core is
 swapped from outside (context parallel, sparse); nothing here depends on which core is plugged in.
 
+Image-to-video (token replace): the blocks take an optional `first` (`layers.FirstFrame`) after the text mask; the
+video tokens it marks (latent frame 0) take their shift / scale / gate from the timestep-0 conditioning through
+`layers.Modulation`; text tokens never do. Without it the blocks run the text-to-video operations unchanged.
+
 Seams for tensor / sequence parallelism (vidtron/parallel/tensor_parallel.py), all identities on one device:
 - the attention-side token counts come from q/k/v, not from the residual streams, because under sequence
   parallelism a rank's residual stream holds only its token shard while attention sees the gathered tokens;
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidtron.kernels.attention import DenseAttention
-from vidtron.models.dit.layers import MLP, QKVProjection, apply_rope, layer_norm, modulate
+from vidtron.models.dit.layers import MLP, FirstFrame, Modulation, QKVProjection, apply_rope, layer_norm, modulate
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # (cos, sin), each [V, Dh]
 
@@ -72,10 +76,11 @@ class DoubleStreamBlock(nn.Module):
         cond_BD: torch.Tensor,
         rope: Rope,
         text_mask_BT: torch.Tensor | None,
+        first: FirstFrame | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        img_m = self.img_mod(F.silu(cond_BD)).chunk(6, dim=1)  # 6 x [B, D]
-        txt_m = self.txt_mod(F.silu(cond_BD)).chunk(6, dim=1)
-        img_q, img_k, img_v = self.img_attn(modulate(layer_norm(img_BVD), img_m[0], img_m[1]))  # [B, V, N, Dh]
+        img_m = Modulation(self.img_mod, cond_BD, 6, first)  # per video token (image-to-video: frame 0 differs)
+        txt_m = self.txt_mod(F.silu(cond_BD)).chunk(6, dim=1)  # 6 x [B, D]
+        img_q, img_k, img_v = self.img_attn(img_m.modulate(layer_norm(img_BVD), 0, 1))  # [B, V, N, Dh]
         txt_q, txt_k, txt_v = self.txt_attn(modulate(layer_norm(txt_BTD), txt_m[0], txt_m[1]))  # [B, T, N, Dh]
         attn_BLD = joint_attention(
             self.attn_core,
@@ -87,9 +92,9 @@ class DoubleStreamBlock(nn.Module):
             num_text=txt_q.shape[1],
         )
         V = img_q.shape[1]  # video tokens in attention (under SP: all of them, while img_BVD holds a shard)
-        img_BVD = img_BVD + self.img_attn.o(attn_BLD[:, :V]) * img_m[2][:, None]
+        img_BVD = img_BVD + img_m.gate(self.img_attn.o(attn_BLD[:, :V]), 2)
         txt_BTD = txt_BTD + self.txt_attn.o(attn_BLD[:, V:]) * txt_m[2][:, None]
-        img_BVD = img_BVD + img_m[5][:, None] * self.img_mlp(modulate(layer_norm(img_BVD), img_m[3], img_m[4]))
+        img_BVD = img_BVD + img_m.gate(self.img_mlp(img_m.modulate(layer_norm(img_BVD), 3, 4)), 5)
         txt_BTD = txt_BTD + txt_m[5][:, None] * self.txt_mlp(modulate(layer_norm(txt_BTD), txt_m[3], txt_m[4]))
         return img_BVD, txt_BTD
 
@@ -117,9 +122,11 @@ class SingleStreamBlock(nn.Module):
         cond_BD: torch.Tensor,
         rope: Rope,
         text_mask_BT: torch.Tensor | None,
+        first: FirstFrame | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        shift_BD, scale_BD, gate_BD = self.mod(F.silu(cond_BD)).chunk(3, dim=1)
-        h_img_BVD = modulate(layer_norm(img_BVD), shift_BD, scale_BD)  # per token: the same as on [video; text]
+        img_m = Modulation(self.mod, cond_BD, 3, first)  # -> shift, scale, gate; text tokens take the timestep's
+        shift_BD, scale_BD, gate_BD = img_m.m
+        h_img_BVD = img_m.modulate(layer_norm(img_BVD), 0, 1)  # per token: the same as on [video; text]
         h_txt_BTD = modulate(layer_norm(txt_BTD), shift_BD, scale_BD)
         h_BLD, num_text = self.join(h_img_BVD, h_txt_BTD)  # [B, L, D], L = V + T
         mlp_BLM = F.gelu(self.mlp_in(h_BLD), approximate="tanh")
@@ -127,7 +134,7 @@ class SingleStreamBlock(nn.Module):
         attn_BLD = joint_attention(self.attn_core, q, k, v, rope, text_mask_BT, num_text=num_text)
         out_BLD = self.out(interleave_attn_mlp(attn_BLD, mlp_BLM, *self.out_group_widths))
         out_img_BVD, out_txt_BTD = self.split(out_BLD, num_text)
-        return img_BVD + gate_BD[:, None] * out_img_BVD, txt_BTD + gate_BD[:, None] * out_txt_BTD
+        return img_BVD + img_m.gate(out_img_BVD, 2), txt_BTD + gate_BD[:, None] * out_txt_BTD
 
 
 def interleave_attn_mlp(attn_BLD: torch.Tensor, mlp_BLM: torch.Tensor, a_w: int, m_w: int) -> torch.Tensor:

@@ -29,6 +29,8 @@ def latent_shape(frames: int, height: int, width: int, stride: tuple[int, int, i
     return (1 + (frames - 1) // stride[0], height // stride[1], width // stride[2])
 
 
+IMAGE_CONDITIONS = ("", "token_replace")  # DiTConfig.image_condition values (diffusers' image_condition_type)
+
 # our field -> diffusers config key (all other diffusers keys are fixed or ignored)
 _DIFFUSERS_KEYS = {
     "in_channels": "in_channels",
@@ -68,6 +70,8 @@ class DiTConfig:
     pooled_dim: int = 768  # width of the pooled (CLIP) text embedding
     rope_theta: float = 256.0  # RoPE base
     rope_axes_dim: tuple[int, int, int] = (16, 56, 56)  # RoPE channels per (t, h, w) axis; sums to head_dim
+    image_condition: str = ""  # "": text-to-video; "token_replace": image-to-video, latent frame 0 is the clean
+    # reference image, its tokens modulated by the timestep-0 conditioning (HunyuanVideo-I2V; no extra weights)
 
     def __post_init__(self) -> None:
         self.rope_axes_dim = tuple(self.rope_axes_dim)  # YAML / JSON give lists
@@ -84,6 +88,15 @@ class DiTConfig:
         if not self.rope_theta > 0:
             raise ConfigError("dit.rope_theta", self.rope_theta, "must be > 0 (256.0 in HunyuanVideo)")
         self._check_rope_axes()
+        self._check_image_condition()
+
+    def _check_image_condition(self) -> None:
+        if self.image_condition not in IMAGE_CONDITIONS:
+            fix = f"choose one of {IMAGE_CONDITIONS} ('' = text-to-video, token_replace = image-to-video)"
+            raise ConfigError("dit.image_condition", self.image_condition, fix)
+        if self.image_condition and self.patch_size_t != 1:
+            fix = "token_replace conditions on latent frame 0 alone: needs patch_size_t=1 (as HunyuanVideo-I2V)"
+            raise ConfigError("dit.patch_size_t", self.patch_size_t, fix)
 
     def _check_rope_axes(self) -> None:
         axes = self.rope_axes_dim
@@ -151,7 +164,7 @@ def to_diffusers_config(cfg: DiTConfig) -> dict:
     d = {key: getattr(cfg, ours) for ours, key in _DIFFUSERS_KEYS.items()}
     d["rope_axes_dim"] = list(cfg.rope_axes_dim)
     d["qk_norm"] = "rms_norm"
-    d["image_condition_type"] = None
+    d["image_condition_type"] = cfg.image_condition or None
     return d
 
 
@@ -160,8 +173,10 @@ def from_diffusers_config(d: dict) -> DiTConfig:
     diffusers' defaults (which are ours)."""
     if d.get("qk_norm", "rms_norm") != "rms_norm":
         raise ConfigError("qk_norm", d["qk_norm"], "only 'rms_norm' (HunyuanVideo) is supported")
-    if d.get("image_condition_type") is not None:
-        raise ConfigError("image_condition_type", d["image_condition_type"], "only None (text-to-video) is supported")
+    image_condition = d.get("image_condition_type") or ""
+    if image_condition not in IMAGE_CONDITIONS:
+        fix = "only None (text-to-video) and 'token_replace' (image-to-video) are supported"
+        raise ConfigError("image_condition_type", d["image_condition_type"], fix)
     known = set(_DIFFUSERS_KEYS.values()) | {"qk_norm", "image_condition_type"}
     unknown = sorted(k for k in d if not k.startswith("_") and k not in known)
     if unknown:
@@ -169,7 +184,7 @@ def from_diffusers_config(d: dict) -> DiTConfig:
     kwargs = {ours: d[key] for ours, key in _DIFFUSERS_KEYS.items() if key in d}
     if kwargs.get("out_channels") is None:  # diffusers: out_channels = out_channels or in_channels
         kwargs["out_channels"] = kwargs.get("in_channels", DiTConfig.in_channels)
-    return DiTConfig(**kwargs)
+    return DiTConfig(**kwargs, image_condition=image_condition)
 
 
 def dit_config(flavor: str, overrides: dict | None = None, field: str = "model.flavor") -> DiTConfig:

@@ -204,7 +204,9 @@ def from_hunyuan(state_dict: Mapping[str, torch.Tensor], hidden_size: int | None
 def to_hunyuan_config(cfg: DiTConfig) -> dict:
     """Constructor arguments of the original `HYVideoDiffusionTransformer` (plus the text widths and RoPE base
     it takes from its command-line args). The original builds a 2-block token refiner; the weights hold
-    `num_refiner_blocks` (`txt_in.individual_token_refiner.blocks.{i}`)."""
+    `num_refiner_blocks` (`txt_in.individual_token_refiner.blocks.{i}`). An image-to-video DiT adds the original's
+    `i2v_condition_type` argument (same weights)."""
+    i2v = {"i2v_condition_type": cfg.image_condition} if cfg.image_condition else {}
     return {
         "_class_name": "HYVideoDiffusionTransformer",
         "patch_size": list(cfg.patch),
@@ -225,4 +227,5 @@ def to_hunyuan_config(cfg: DiTConfig) -> dict:
         "text_projection": "single_refiner",
         "text_states_dim": cfg.text_dim,
         "text_states_dim_2": cfg.pooled_dim,
+        **i2v,
     }

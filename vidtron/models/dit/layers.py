@@ -10,6 +10,7 @@ rounding); parameter names are ours (see state_dict_adapter.py for the mapping).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,40 @@ def layer_norm(x_BLD: torch.Tensor) -> torch.Tensor:
 def modulate(x_BLD: torch.Tensor, shift_BD: torch.Tensor, scale_BD: torch.Tensor) -> torch.Tensor:
     """adaLN: x * (1 + scale) + shift, broadcast over tokens."""
     return x_BLD * (1 + scale_BD[:, None]) + shift_BD[:, None]
+
+
+class FirstFrame(NamedTuple):
+    """The token-replace (image-to-video) conditioning of a DiT forward: which video tokens hold the clean reference
+    frame, and the conditioning they are modulated with instead of the timestep's."""
+
+    mask_BV1: torch.Tensor  # bool [B or 1, V, 1]: True on latent frame 0's tokens of image-conditioned samples
+    # [B, D]: MLP(timestep-0 features) + MLP(pooled text), no guidance (diffusers' token_replace_emb)
+    cond_BD: torch.Tensor
+
+
+class Modulation:
+    """The chunks of one adaLN linear's output, applied per token: the timestep's for every token, or the
+    timestep-0 conditioning's on the tokens of `first.mask_BV1` (image-to-video). Bit-identical to diffusers, which
+    slices the first-frame tokens off; with `first=None` it is the plain text-to-video modulation."""
+
+    def __init__(self, linear: nn.Module, cond_BD: torch.Tensor, chunks: int, first: FirstFrame | None = None):
+        self.m = linear(F.silu(cond_BD)).chunk(chunks, dim=1)  # chunks x [B, D]
+        self.first = first
+        self.tr = None if first is None else linear(F.silu(first.cond_BD)).chunk(chunks, dim=1)
+
+    def modulate(self, x_BVD: torch.Tensor, shift: int, scale: int) -> torch.Tensor:
+        """x * (1 + scale) + shift with chunks `shift`, `scale`, per token."""
+        out = modulate(x_BVD, self.m[shift], self.m[scale])
+        if self.first is None:
+            return out
+        return torch.where(self.first.mask_BV1, modulate(x_BVD, self.tr[shift], self.tr[scale]), out)
+
+    def gate(self, x_BVD: torch.Tensor, gate: int) -> torch.Tensor:
+        """x * gate with chunk `gate`, per token."""
+        out = x_BVD * self.m[gate][:, None]
+        if self.first is None:
+            return out
+        return torch.where(self.first.mask_BV1, x_BVD * self.tr[gate][:, None], out)
 
 
 class RMSNorm(nn.Module):
@@ -115,6 +150,13 @@ class ConditionEmbedding(nn.Module):
             raise ConfigError("guidance", None, "this DiT has guidance_embeds=True: pass guidance [B], e.g. 6.0 * 1000")
         g_BD = self.guidance_mlp(timestep_features(guidance_B).to(pooled_BP.dtype))
         return t_BD + g_BD + p_BD
+
+    def at_timestep_zero(self, pooled_BP: torch.Tensor) -> torch.Tensor:
+        """The conditioning of a clean (timestep-0) frame: MLP(features of t=0) + MLP(pooled text), never the
+        guidance embedding (diffusers' `token_replace_emb`)."""
+        zero_B = torch.zeros(pooled_BP.shape[0], device=pooled_BP.device)
+        t_BD = self.time_mlp(timestep_features(zero_B).to(pooled_BP.dtype))
+        return t_BD + self.pooled_mlp(pooled_BP)
 
 
 def rope_cos_sin(

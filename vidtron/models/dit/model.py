@@ -4,7 +4,8 @@ Shapes: B batch, C latent channels, F latent frames, H, W latent height/width, V
 (F/pt * H/p * W/p), T text tokens, E text-encoder width, D model dim, P output channels per token.
 
 Inputs, shapes and units are those of diffusers' `HunyuanVideoTransformer3DModel.forward`, and with weights
-loaded through `state_dict_adapter.from_diffusers` the outputs match it to fp32 rounding.
+loaded through `state_dict_adapter.from_diffusers` the outputs match it to fp32 rounding, text-to-video
+(`image_condition_type=None`) and image-to-video (`"token_replace"`: `config.image_condition`, `image_cond`).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from torch import nn
 from vidtron.errors import ConfigError
 from vidtron.models.dit.blocks import DoubleStreamBlock, FinalLayer, SingleStreamBlock
 from vidtron.models.dit.configs import DiTConfig
-from vidtron.models.dit.layers import ConditionEmbedding, RMSNorm, rope_cos_sin
+from vidtron.models.dit.layers import ConditionEmbedding, FirstFrame, RMSNorm, rope_cos_sin
 from vidtron.models.dit.refiner import TextRefiner
 
 
 class DiT(nn.Module):
-    """HunyuanVideo text-to-video DiT. Build on the meta device, then `to_empty(...)` and `init_weights()`."""
+    """HunyuanVideo DiT: text-to-video, or image-to-video with `config.image_condition="token_replace"` (the same
+    weights; latent frame 0 is the clean reference image). Build on the meta device, then `to_empty(...)` and
+    `init_weights()`."""
 
     def __init__(self, config: DiTConfig):
         super().__init__()
@@ -44,21 +47,41 @@ class DiT(nn.Module):
         text_mask: torch.Tensor | None,
         pooled: torch.Tensor,
         guidance: torch.Tensor | None = None,
+        image_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """latents [B, C, F, H, W]; timestep [B] in 0..1000; text_states [B, T, E]; text_mask [B, T] (1 = valid,
         padding at the end; None = all valid); pooled [B, pooled_dim]; guidance [B] (scale * 1000) when the
-        config embeds guidance. Returns the prediction [B, C_out, F, H, W]."""
+        config embeds guidance; image_cond [B] bool, for an image_condition="token_replace" DiT only: the samples
+        whose latent frame 0 is a clean reference image (None = all), its tokens modulated by the timestep-0
+        conditioning as in diffusers. Returns the prediction [B, C_out, F, H, W]."""
         grid = self.token_grid(latents.shape)
         rope = rope_cos_sin(grid, self.config.rope_axes_dim, self.config.rope_theta, latents.device)  # 2 x [V, Dh]
         cond_BD = self.cond_embed(timestep, pooled, guidance)
+        first = self.first_frame(grid, pooled, image_cond)  # None for text-to-video: the blocks' T2V path
         img_BVD = self.patch_embed(latents).flatten(2).transpose(1, 2)
         txt_BTD = self.text_refiner(text_states, timestep, text_mask)
         joint_mask_BT = prefix_text_mask(text_mask)
+        extra = () if first is None else (first,)  # positional, so the CP / SP block hooks shard its mask
         for block in self.double_blocks:
-            img_BVD, txt_BTD = block(img_BVD, txt_BTD, cond_BD, rope, joint_mask_BT)
+            img_BVD, txt_BTD = block(img_BVD, txt_BTD, cond_BD, rope, joint_mask_BT, *extra)
         for block in self.single_blocks:
-            img_BVD, txt_BTD = block(img_BVD, txt_BTD, cond_BD, rope, joint_mask_BT)
+            img_BVD, txt_BTD = block(img_BVD, txt_BTD, cond_BD, rope, joint_mask_BT, *extra)
         return self.unpatchify(self.final_layer(img_BVD, cond_BD), grid)  # [B, C_out, F, H, W]
+
+    def first_frame(
+        self, grid: tuple[int, int, int], pooled_BP: torch.Tensor, image_cond_B: torch.Tensor | None
+    ) -> FirstFrame | None:
+        """The token-replace conditioning (mask of the frame-0 tokens of image-conditioned samples, timestep-0
+        conditioning), or None for a text-to-video DiT."""
+        if not self.config.image_condition:
+            if image_cond_B is not None:
+                fix = "this DiT is text-to-video (image_condition=''); train with model.image_condition=token_replace"
+                raise ConfigError("image_cond", "given", fix)
+            return None
+        gf, gh, gw = grid
+        frame0_1V1 = (torch.arange(gf * gh * gw, device=pooled_BP.device) < gh * gw)[None, :, None]
+        mask_BV1 = frame0_1V1 if image_cond_B is None else frame0_1V1 & image_cond_B.bool()[:, None, None]
+        return FirstFrame(mask_BV1, self.cond_embed.at_timestep_zero(pooled_BP))
 
     def token_grid(self, latent_shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
         """(F/pt, H/p, W/p) for latents [B, C, F, H, W]; rejects sizes the patch does not divide."""

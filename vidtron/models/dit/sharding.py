@@ -34,6 +34,9 @@ Gradient conventions (what makes the pieces compose):
   gradient clipping, FSDP2 and DCP see one kind of parameter on one mesh.
 
 The token refiner runs on the full (replicated) text: plain TP, no SP.
+
+Image-to-video: the blocks' optional sixth argument (`FirstFrame`) holds a per-video-token mask; the first block's
+hook shards it exactly like the video (`TokenSharder.shard_like_video`) and every block gets that rank's copy.
 """
 
 from __future__ import annotations
@@ -187,14 +190,17 @@ def wrap_tokens(model: nn.Module, sharder: TokenSharder, core: nn.Module) -> Non
     lay = sharder.layout
     padded = SequencePaddedCore(core, lay)  # one shared, parameter-free instance
 
-    def enter(module, args):  # (img, txt, cond, rope, text_mask) of the first block
-        img, txt, cond, rope, mask = args
+    first_local: list = []  # image-to-video: this rank's FirstFrame (its mask sharded like the video), per batch
+
+    def enter(module, args):  # (img, txt, cond, rope, text_mask[, first]) of the first block
+        img, txt, cond, rope, mask, *first = args
         img, txt = sharder.enter(img, txt, rope, mask)
-        return img, txt, cond, lay.rope, lay.text_mask
+        first_local[:] = [f._replace(mask_BV1=sharder.shard_like_video(f.mask_BV1)) for f in first]
+        return img, txt, cond, lay.rope, lay.text_mask, *first_local
 
     def swap(module, args):
-        img, txt, cond, _, _ = args
-        return img, txt, cond, lay.rope, lay.text_mask
+        img, txt, cond, *_ = args
+        return img, txt, cond, lay.rope, lay.text_mask, *first_local[: len(args) - 5]
 
     def leave(module, args):  # (img, cond) of the final layer
         return sharder.exit(args[0]), *args[1:]

@@ -54,6 +54,12 @@ def velocity_target(x1: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
     return x0 - x1
 
 
+def replace_first_frame(x_BCFHW: torch.Tensor, clean_BCFHW: torch.Tensor) -> torch.Tensor:
+    """Latent frame 0 from `clean` (image-to-video: the reference image's latent, at noise level 0), the other frames
+    from `x`."""
+    return torch.cat([clean_BCFHW[:, :, :1].to(x_BCFHW.dtype), x_BCFHW[:, :, 1:]], dim=2)
+
+
 def default_shift(steps: int) -> float:
     return 17.0 if steps < 20 else 7.0
 

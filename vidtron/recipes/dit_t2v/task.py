@@ -26,6 +26,7 @@ from vidtron.recipes.dit_t2v.data import LatentSet, build_latent_set, load_autoe
 from vidtron.recipes.dit_t2v.flow_matching import (
     logit_normal_t,
     noisy_latents,
+    replace_first_frame,
     sample_generator,
     sigma_from_t,
     timestep_from_sigma,
@@ -41,6 +42,7 @@ class DiTTextToVideo:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.dit_cfg = dit_config(cfg.model.flavor, cfg.model.arch_overrides())
+        check_image_condition(cfg, self.dit_cfg.image_condition == "token_replace")
         self.text_encoder = build_text_encoder(cfg.text, self.dit_cfg.text_dim, self.dit_cfg.pooled_dim)
         self.stream: StreamData | None = None
         if cfg.data.format != "memory":  # bucketed clips (or cached latents) read per step; cursor counts batches
@@ -147,23 +149,51 @@ class DiTTextToVideo:
         yield Phase("model", self.loss(model, batch, device))
 
     def loss(self, model: torch.nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
-        """This rank's share of the mean velocity MSE of `batch` (weighted per sample for bucketed streams)."""
+        """This rank's share of the mean velocity MSE of `batch` (weighted per sample for bucketed streams).
+        Image-to-video: latent frame 0 enters clean (the model gives its tokens the timestep-0 modulation) and the
+        loss covers the other frames only."""
         x1, x0 = batch["latents"].to(device), batch["noise"].to(device)
         sigma = batch["sigma"].to(device)
         text: TextBatch = batch["text"]
         guidance = batch["guidance"].to(device) if self.dit_cfg.guidance_embeds else None
+        x_t = noisy_latents(x1, x0, sigma)
+        i2v = self.dit_cfg.image_condition == "token_replace"
+        if i2v:
+            _check_i2v_frames(x1.shape[2])
+            x_t = replace_first_frame(x_t, x1)  # [b, C, F, H, W]: frame 0 is the clean reference latent
         v = model(
-            noisy_latents(x1, x0, sigma),
+            x_t,
             timestep_from_sigma(sigma),
             text.states.to(device),
             text.mask.to(device),
             text.pooled.to(device),
             guidance,
         )
+        target = velocity_target(x1, x0)
+        if i2v:
+            v, target = v[:, :, 1:], target[:, :, 1:]  # [b, C, F - 1, H, W]: no loss on the conditioning frame
         if "weight" not in batch:
-            return F.mse_loss(v.float(), velocity_target(x1, x0))
-        per_sample = (v.float() - velocity_target(x1, x0)).pow(2).flatten(1).mean(1)  # [b]
+            return F.mse_loss(v.float(), target)
+        per_sample = (v.float() - target).pow(2).flatten(1).mean(1)  # [b]
         return (per_sample * batch["weight"].to(device)).sum() * batch["loss_scale"]
+
+
+def check_image_condition(cfg: TrainConfig, i2v: bool) -> None:
+    """Image-to-video trains in recipe dit_t2v only, on clips of >= 2 latent frames (frame 0 is the condition)."""
+    if not i2v:
+        return
+    if cfg.recipe != "dit_t2v":
+        fix = "image-to-video (token_replace) trains with recipe=dit_t2v; drop model.image_condition here"
+        raise ConfigError("model.image_condition", cfg.model.image_condition, fix)
+    _check_i2v_frames(latent_shape(cfg.data.frames, cfg.data.height, cfg.data.width)[0], "data.frames")
+    for bucket in cfg.data.buckets:
+        _check_i2v_frames(latent_shape(bucket.frames, bucket.height, bucket.width)[0], "data.buckets[].frames")
+
+
+def _check_i2v_frames(latent_frames: int, field: str = "latent frames") -> None:
+    if latent_frames < 2:
+        fix = "image-to-video needs >= 2 latent frames (>= 5 pixel frames): frame 0 is the reference image"
+        raise ConfigError(field, latent_frames, fix)
 
 
 def _select_text(text: TextBatch, uncond: TextBatch, drop_b: torch.Tensor) -> TextBatch:
