@@ -22,6 +22,7 @@ from vidtron.errors import ConfigError
 from vidtron.launch.data import main as vidtron_data
 from vidtron.launch.preflight import preflight
 from vidtron.launch.sample import generate_latents
+from vidtron.launch.sample import main as vidtron_sample
 from vidtron.launch.train import main as vidtron_train
 from vidtron.models.dit import DiT
 from vidtron.platform.checkpoint import SafeFileSystemReader
@@ -129,6 +130,25 @@ def test_vidtron_train_distills_without_the_teacher_in_the_checkpoint_and_sample
     rows.clear()
     generate_latents(ckpt, prompts, SampleOptions(steps=4, cfg_scale=5.0))
     assert rows == [4] * 4  # CFG: conditional + unconditional rows, 2B per step
+    rows.clear()
+    out = tmp_path / "samples"
+    assert vidtron_sample(["--ckpt", str(student_ckpt), "--prompt", prompts[0], "--steps", "2", "--out", str(out)]) == 0
+    assert rows == [1] * 2 and (out / "sample_0.gif").exists()  # the CLI: --guidance's default, one forward a step
+
+
+def test_sampling_flags_must_fit_the_model(teacher, tmp_path, capsys):
+    """--cfg-scale on a guidance-embedded student, or --guidance on a CFG model, is an error, not silently ignored."""
+    data, ckpt = teacher
+    run = tmp_path / "student"
+    args = [f"data.root={data}", f"run_dir={run}", "metrics.wandb=false", *SHAPE, "trainer.steps=1"]
+    args += ["recipe=dit_cfg_distill", f"distill.teacher_from={ckpt}"]
+    assert vidtron_train(args) == 0
+    student = run / "checkpoints" / "step_000001"
+    for path, flag in ((student, "--cfg-scale"), (ckpt, "--guidance")):
+        argv = ["--ckpt", str(path), "--prompt", "a red circle", "--steps", "1", flag, "4", "--out", str(tmp_path)]
+        assert vidtron_sample(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{flag}=4.0" in err and ("--guidance 4.0 instead" in err or "--cfg-scale" in err), err
 
 
 def test_preflight_errors_are_one_config_error_each(teacher, tmp_path):

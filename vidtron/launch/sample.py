@@ -198,7 +198,12 @@ def write_samples(
 
 
 def _options(a: argparse.Namespace) -> SampleOptions:
-    return SampleOptions(steps=a.steps, shift=a.shift, cfg_scale=a.cfg_scale, guidance=a.guidance, seed=a.seed)
+    d = SampleOptions()
+    cfg_scale, guidance = (
+        (d.cfg_scale if a.cfg_scale is None else a.cfg_scale),
+        (d.guidance if a.guidance is None else a.guidance),
+    )
+    return SampleOptions(steps=a.steps, shift=a.shift, cfg_scale=cfg_scale, guidance=guidance, seed=a.seed)
 
 
 def _dims3(flag: str, text: str | None) -> tuple[int, int, int] | None:
@@ -258,10 +263,22 @@ def preflight(a: argparse.Namespace, world_size: int) -> ParallelDims:
         raise ConfigError("--tile", tiling.mode, fix)
     dcfg = model_config(cfg)
     check_image_argument(a.image, dcfg)
+    check_guidance_arguments(a.cfg_scale, a.guidance, dcfg)
     _, f, h, w = latent_shape_for(dcfg, clip_shape(cfg, a.frames, a.height, a.width))
     pt, p, _ = dcfg.patch
     dims.validate_for(dcfg.num_heads, (f // pt) * (h // p) * (w // p), dcfg.mlp_hidden)
     return dims
+
+
+def check_guidance_arguments(cfg_scale: float | None, guidance: float | None, dcfg: DiTConfig) -> None:
+    """--cfg-scale for models without a guidance embedding, --guidance for models with one: the other would be
+    silently ignored (a guidance-distilled student runs one forward per step and reads its scale as an input)."""
+    if dcfg.guidance_embeds and cfg_scale not in (None, 1.0):
+        fix = f"this model embeds the guidance scale (one forward per step): give --guidance {cfg_scale} instead"
+        raise ConfigError("--cfg-scale", cfg_scale, fix)
+    if not dcfg.guidance_embeds and guidance is not None:
+        fix = "this model has no guidance embedding: give --cfg-scale (classifier-free guidance) instead"
+        raise ConfigError("--guidance", guidance, fix)
 
 
 def check_image_argument(image: str | None, dcfg: DiTConfig) -> None:
@@ -323,8 +340,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="image-to-video runs: the first frame (png / jpg / gif's first)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--shift", type=float, default=None, help="time shift (default: 17 under 20 steps, else 7)")
-    p.add_argument("--cfg-scale", type=float, default=5.0)
-    p.add_argument("--guidance", type=float, default=6.0, help="guidance-embedding scale for distilled flavors")
+    d = SampleOptions()
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=None,
+        help=f"classifier-free guidance, 2 forwards per step (default {d.cfg_scale})",
+    )
+    p.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help=f"guidance-embedding scale of guidance-distilled models, 1 forward per step (default {d.guidance})",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", default="model", help="model (trained weights) or ema (trainer.ema_decay > 0 runs)")
     p.add_argument("--frames", type=int, default=0)
