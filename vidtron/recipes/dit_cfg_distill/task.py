@@ -9,23 +9,14 @@ Legend: b local batch, C latent channels, F latent frames, H, W latent height/wi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 import torch.nn.functional as F
 
 from vidtron.models.dit import DiT
 from vidtron.parallel.materialize import materialize
 from vidtron.platform.init_from import init_from
-from vidtron.platform.task import Phase
 from vidtron.recipes.dit_cfg_distill.teacher import cfg_velocity, load_teacher, student_config
-from vidtron.recipes.dit_t2v.flow_matching import (
-    logit_normal_t,
-    noisy_latents,
-    sample_generator,
-    sigma_from_t,
-    timestep_from_sigma,
-)
+from vidtron.recipes.dit_t2v.flow_matching import noisy_latents, timestep_from_sigma
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo
 
 TEACHER_FORWARD_SHARE = 2.0 / 3.0  # two teacher forwards (cond + uncond) per sample vs 3 forwards of a train step
@@ -60,19 +51,9 @@ class DiTCFGDistill(DiTTextToVideo):
         self.teacher = load_teacher(self.cfg, self._dims, device)
         return model
 
-    def _draw(self, step: int, pos: int, shape: torch.Size) -> dict:
+    def guidance_range(self) -> tuple[float, float]:
         """dit_t2v's draws (same order from the keyed generator), with g from the distill range."""
-        gen = sample_generator(self.cfg.seed, step, pos)
-        flow, distill = self.cfg.flow, self.cfg.distill
-        t = logit_normal_t(gen, flow.logit_mean, flow.logit_std)
-        noise = torch.randn(shape, generator=gen)
-        drop = bool(torch.rand((), generator=gen) < self.cfg.data.caption_dropout)
-        scale = distill.guidance_min + (distill.guidance_max - distill.guidance_min) * torch.rand((), generator=gen)
-        return {"sigma": sigma_from_t(t), "noise": noise, "drop": drop, "guidance": scale * 1000.0}
-
-    def phases(self, model: torch.nn.Module, batch: dict, step: int, device: torch.device) -> Iterator[Phase]:
-        """One update of the student's optimizer: the distillation loss."""
-        yield Phase("model", self.loss(model, batch, device))
+        return self.cfg.distill.guidance_min, self.cfg.distill.guidance_max
 
     def target(self, batch: dict, device: torch.device) -> torch.Tensor:
         """The teacher's CFG velocity u + g (c - u) at the batch's noisy latents and timestep [b, C, F, H, W]."""

@@ -136,13 +136,18 @@ class DiTTextToVideo:
         return cursor + (1 if self.stream is not None else self.cfg.data.batch_size)
 
     def _draw(self, step: int, pos: int, shape: torch.Size) -> dict:
+        """Sample `pos`'s time, noise, caption drop and guidance scale from its keyed generator, in that order."""
         gen = sample_generator(self.cfg.seed, step, pos)
-        flow = self.cfg.flow
+        flow, (g_min, g_max) = self.cfg.flow, self.guidance_range()
         t = logit_normal_t(gen, flow.logit_mean, flow.logit_std)
         noise = torch.randn(shape, generator=gen)
         drop = bool(torch.rand((), generator=gen) < self.cfg.data.caption_dropout)
-        scale = flow.guidance_min + (flow.guidance_max - flow.guidance_min) * torch.rand((), generator=gen)
+        scale = g_min + (g_max - g_min) * torch.rand((), generator=gen)
         return {"sigma": sigma_from_t(t), "noise": noise, "drop": drop, "guidance": scale * 1000.0}
+
+    def guidance_range(self) -> tuple[float, float]:
+        """[min, max] of the guidance scale drawn per sample (used by guidance-embedded models)."""
+        return self.cfg.flow.guidance_min, self.cfg.flow.guidance_max
 
     def phases(self, model: torch.nn.Module, batch: dict, step: int, device: torch.device) -> Iterator[Phase]:
         """One update of the one optimizer: the flow-matching loss (the trainer applies autocast around it)."""
