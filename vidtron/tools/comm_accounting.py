@@ -27,7 +27,7 @@ KINDS = ("all_gather", "reduce_scatter", "all_reduce", "all_to_all", "send", "br
 _F32 = 4
 
 # op name -> (kind, where the payload is: an argument index, or "out" for the op's result)
-_c10d, _fn = torch.ops.c10d, torch.ops._c10d_functional
+_c10d, _fn, _fna = torch.ops.c10d, torch.ops._c10d_functional, torch.ops._c10d_functional_autograd
 _OPS = {
     _c10d.allreduce_: ("all_reduce", 0),
     _c10d.allreduce_coalesced_: ("all_reduce", 0),
@@ -42,6 +42,7 @@ _OPS = {
     _c10d.send: ("send", 0),
     _c10d.broadcast_: ("broadcast", 0),
     _fn.all_reduce: ("all_reduce", 0),
+    _fn.all_reduce_: ("all_reduce", 0),
     _fn.all_reduce_coalesced: ("all_reduce", 0),
     _fn.all_gather_into_tensor: ("all_gather", "out"),
     _fn.all_gather_into_tensor_coalesced: ("all_gather", "out"),
@@ -49,6 +50,9 @@ _OPS = {
     _fn.reduce_scatter_tensor_coalesced: ("reduce_scatter", 0),
     _fn.all_to_all_single: ("all_to_all", 0),
     _fn.broadcast: ("broadcast", 0),
+    _fna.all_gather_into_tensor: ("all_gather", "out"),
+    _fna.reduce_scatter_tensor: ("reduce_scatter", 0),
+    _fna.all_to_all_single: ("all_to_all", 0),
 }
 
 
@@ -78,9 +82,13 @@ class CollectiveBytes(TorchDispatchMode):
         spec = _OPS.get(getattr(func, "_overloadpacket", None))
         if spec is not None:
             kind, where = spec
-            self.bytes[kind] += _nbytes(out if where == "out" else args[where])
-            self.counts[kind] += 1
+            self.record(kind, _nbytes(out if where == "out" else args[where]), args, kwargs)
         return out
+
+    def record(self, kind: str, nbytes: int, args: tuple, kwargs: dict) -> None:
+        """One collective of `kind` with payload `nbytes` (its op's args, for subclasses that key by group)."""
+        self.bytes[kind] += nbytes
+        self.counts[kind] += 1
 
 
 # ---------------------------------------------------------------------------------------------------------------

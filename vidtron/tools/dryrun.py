@@ -42,8 +42,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from vidtron.errors import ConfigError
 from vidtron.models.dit.configs import dit_config, latent_shape
@@ -54,7 +52,7 @@ from vidtron.platform.ema import CHECKPOINT_KEY as EMA_KEY
 from vidtron.platform.ema import EMA
 from vidtron.platform.trainer import build_dims, build_optimizer, setup_model
 from vidtron.recipes.dit_t2v.task import DiTTextToVideo
-from vidtron.tools.comm_accounting import KINDS
+from vidtron.tools.comm_accounting import KINDS, CollectiveBytes, wire_bytes
 from vidtron.tools.memory_accounting import model_state_bytes, tensor_bytes
 from vidtron.tools.memory_model import GIB, Layout, Policy, Workload, estimate, param_shapes
 from vidtron.tools.planner import comm_bytes
@@ -151,67 +149,23 @@ class DryRunTask(DiTTextToVideo):
 # --------------------------------------------------------------------------------------------------------------
 # collectives per mesh dimension
 # --------------------------------------------------------------------------------------------------------------
-_c10d, _fn, _fna = torch.ops.c10d, torch.ops._c10d_functional, torch.ops._c10d_functional_autograd
-_OPS = {  # op -> (kind, where the payload is: an argument index, or "out"); the convention of comm_accounting.py
-    _c10d.allreduce_: ("all_reduce", 0),
-    _c10d.allgather_: ("all_gather", 0),
-    _c10d._allgather_base_: ("all_gather", 0),
-    _c10d.allgather_into_tensor_coalesced_: ("all_gather", 0),
-    _c10d.reduce_scatter_: ("reduce_scatter", 1),
-    _c10d._reduce_scatter_base_: ("reduce_scatter", 1),
-    _c10d.reduce_scatter_tensor_coalesced_: ("reduce_scatter", 1),
-    _c10d.alltoall_: ("all_to_all", 1),
-    _c10d.alltoall_base_: ("all_to_all", 1),
-    _c10d.send: ("send", 0),
-    _c10d.broadcast_: ("broadcast", 0),
-    _fn.all_reduce: ("all_reduce", 0),
-    _fn.all_reduce_: ("all_reduce", 0),
-    _fn.all_reduce_coalesced: ("all_reduce", 0),
-    _fn.all_gather_into_tensor: ("all_gather", "out"),
-    _fn.all_gather_into_tensor_coalesced: ("all_gather", "out"),
-    _fn.reduce_scatter_tensor: ("reduce_scatter", 0),
-    _fn.reduce_scatter_tensor_coalesced: ("reduce_scatter", 0),
-    _fn.all_to_all_single: ("all_to_all", 0),
-    _fn.broadcast: ("broadcast", 0),
-    _fna.all_gather_into_tensor: ("all_gather", "out"),
-    _fna.reduce_scatter_tensor: ("reduce_scatter", 0),
-    _fna.all_to_all_single: ("all_to_all", 0),
-}
-_WIRE = {"all_gather": 1, "reduce_scatter": 1, "all_to_all": 1, "all_reduce": 2}  # x (g-1)/g; send / broadcast x 1
-
-
-def _nbytes(x) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    return sum(_nbytes(t) for t in x) if isinstance(x, list | tuple) else 0
-
-
-class MeshCollectives(TorchDispatchMode):
-    """`bytes[dim][kind]` / `counts[dim][kind]`: payload bytes per rank of every collective, keyed by the mesh
-    dimension whose process group ran it ("world" for the default group). DTensor ops desugar first."""
+class MeshCollectives(CollectiveBytes):
+    """`by_dim[dim][kind]` / `counts_by_dim[dim][kind]`: payload bytes per rank of every collective (comm_accounting's
+    convention), keyed by the mesh dimension whose process group ran it ("world" for the default group)."""
 
     def __init__(self, dims: ParallelDims):
         super().__init__()
         self.names = {dims.mesh[n].get_group().group_name: n for n in MESH_DIMS}
         self.names.setdefault(dist.group.WORLD.group_name, "world")
         self.sizes = {n: dims.mesh[n].size() for n in MESH_DIMS} | {"world": dims.world_size}
-        self.bytes: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self.counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.by_dim: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.counts_by_dim: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if isinstance(func, torch._ops.HigherOrderOperator):
-            return func(*args, **kwargs)
-        if any(t is DTensor for t in types):
-            return NotImplemented
-        out = func(*args, **kwargs)
-        spec = _OPS.get(getattr(func, "_overloadpacket", None))
-        if spec is not None:
-            kind, where = spec
-            dim = self._dim(args, kwargs)
-            self.bytes[dim][kind] += _nbytes(out if where == "out" else args[where])
-            self.counts[dim][kind] += 1
-        return out
+    def record(self, kind: str, nbytes: int, args: tuple, kwargs: dict) -> None:
+        super().record(kind, nbytes, args, kwargs)
+        dim = self._dim(args, kwargs)
+        self.by_dim[dim][kind] += nbytes
+        self.counts_by_dim[dim][kind] += 1
 
     def _dim(self, args, kwargs) -> str:
         for a in (*args, *kwargs.values()):
@@ -232,11 +186,11 @@ class MeshCollectives(TorchDispatchMode):
     def report(self) -> dict:
         """{dim: {"size", "payload": {kind: bytes}, "wire": bytes, "counts": {kind: n}}} for the dims that talked."""
         out = {}
-        for dim, by_kind in sorted(self.bytes.items()):
+        for dim, by_kind in sorted(self.by_dim.items()):
             g = self.sizes.get(dim, 0)
-            wire = sum(n * (_WIRE.get(k, 1) * (g - 1) / g if k in _WIRE and g else 1) for k, n in by_kind.items())
             payload = {k: by_kind[k] for k in KINDS if by_kind.get(k)}
-            out[dim] = {"size": g, "payload": payload, "wire": int(wire), "counts": dict(self.counts[dim])}
+            wire = wire_bytes(payload, g) if g else sum(payload.values())  # an unknown group: its whole payload
+            out[dim] = {"size": g, "payload": payload, "wire": int(wire), "counts": dict(self.counts_by_dim[dim])}
         return out
 
 
