@@ -244,6 +244,7 @@ def _deepspeed_save_resume(root: str, stage: int, async_save: bool = False) -> d
         parallel=SimpleNamespace(zero=SimpleNamespace(stage=stage, ds_bucket_elements=64, ds_persist_below=8)),
         data=SimpleNamespace(batch_size=4),
         optim=SimpleNamespace(grad_clip=1.0),
+        trainer=SimpleNamespace(grad_accum=1),
     )
     model = _Odd()
     engine, zero = initialize(model, torch.optim.AdamW(model.parameters(), lr=1e-2), cfg, SimpleNamespace(dp=2, cp=1))
