@@ -58,6 +58,7 @@ def _ray_sweep(box, data_root, out) -> str:
     return text
 
 
+@pytest.mark.slow  # ~80 s: a private Ray instance; make test keeps launcher=ray's kill drill (test_ray.py)
 def test_ray_sweep_matches_local_and_resumes(local, synth_data, tmp_path):
     pytest.importorskip("ray", reason="launcher=ray needs ray (pip install 'ray[default]')")
     from tests.test_ray import RaySandbox
