@@ -41,21 +41,27 @@ from vidtron.tools.caption_eval import (
     read_training_clips,
 )
 
-# The run's shape: 64x64 keeps shapes legible through the stand-in autoencoder's 8x8 patches, 5 frames show
-# the motion, and 48 text tokens keep every caption up to the first letter of its start region.
+# The run's shape: 64x64 keeps shapes legible through the stand-in autoencoder's 8x8 patches and 5 frames show
+# the motion. The words stand-in encoder (one fixed vector per word, in fixed slots) lets the DiT read and compose
+# the words: colour, direction and region of held-out combos come out right within ~1000 steps. The byte encoder hides
+# them in a random transformer over characters (word positions shift with word lengths): after 200 steps its samples
+# showed the captioned colour at near chance, and 600 steps left held-out overall accuracy at 0%.
 DATA = {"clips": 2048, "frames": 5, "height": 64, "width": 64}
 TRAIN = [
     "model.num_heads=4",  # dit-tiny at twice the width (128 = 4 x 32): learns far more per step than 64
-    "text.max_tokens=48",
-    "data.batch_size=16",
-    "optim.lr=2e-3",
+    "text.encoder=words",
+    "text.max_tokens=12",  # BOS + the 10 words of the longest caption
+    "data.batch_size=32",  # ~1.8x the step time of 16 on 2 cores, for twice the samples
+    "optim.lr=3e-3",
     "optim.warmup_steps=50",
     "data.caption_dropout=0.1",
     "metrics.wandb=false",
     "trainer.progress=false",
     "trainer.log_every=10",
 ]
-SAMPLE = {"steps": 20, "shift": 1.0, "cfg_scale": 3.0}
+SAMPLE = {"steps": 20, "shift": 3.0, "cfg_scale": 3.0}  # shift 3: more steps at high noise, where the layout forms
+BAR = 0.8  # issue #17: held-out overall accuracy with CFG
+STEPS = 2800  # ~8 min single-process on 2 cores (5.4-5.9 steps/s measured at batch 32)
 
 
 def _run(args: list[str], threads: int = 0) -> None:
@@ -88,11 +94,10 @@ def sample_untrained(run: Path, prompts: list[str], out: Path) -> None:
     """The same architecture at its initialisation (the run's seed), sampled and written like vidtron-sample."""
     ckpt = latest_valid_checkpoint(run, DistContext(0, 1, 0, torch.device("cpu")))
     cfg = read_manifest(ckpt)["config"]
-    torch.manual_seed(cfg["seed"])
     model = DiT(model_config(cfg))
-    model.init_weights()
-    d, t = model.config, cfg["text"]
-    encoder = build_text_encoder(t["encoder"], d.text_dim, d.pooled_dim, t["max_tokens"], t["llm_path"], t["clip_path"])
+    model.init_weights(cfg["seed"])  # the trainer's initialisation (DiT.init_function(seed)) of step 0
+    d = model.config
+    encoder = build_text_encoder(cfg["text"], d.text_dim, d.pooled_dim)
     opts = SampleOptions(steps=SAMPLE["steps"], shift=SAMPLE["shift"], cfg_scale=SAMPLE["cfg_scale"])
     shape = latent_shape_for(d, clip_shape(cfg))
     z = sample_latents(model.eval(), encoder.encode(prompts), encoder.encode([""]), shape, opts, d.guidance_embeds)
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vidtron-demo", description=__doc__)
     p.add_argument("--out", default="demo_out")
     p.add_argument("--clips", type=int, default=DATA["clips"], help="generated training clips")
-    p.add_argument("--steps", type=int, default=600, help="optimizer steps in all")
+    p.add_argument("--steps", type=int, default=STEPS, help="optimizer steps in all")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the single-process training phase")
     p.add_argument("--parallel-steps", type=int, default=20, help="the last steps, resumed under --layout")
     p.add_argument("--nproc", type=int, default=4)
@@ -165,12 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         "parallel_layout": f"{a.nproc} processes: {a.layout}",
         "data": {**DATA, "clips": a.clips},
         "train_overrides": TRAIN,
+        "text_encoder": "words (vidtron/models/text/words.py: a fixed vector per word, bound to its slot)",
         "sampling": {**SAMPLE, "processes": 2, "tp": 2},
         "autoencoder": "stand-in (PCA over 4x8x8 patches)",
         "holdout": sorted(":".join(c) for c in holdout),
         "detector_on_real_clips": {"n": detector["n"], "accuracy": detector["accuracy"]},
         "trained": trained,
         "untrained": untrained,
+        "bar": {"held_out_overall": BAR, "reached": trained["held_out"]["accuracy"]["overall"] >= BAR},
         "paths": {"data": str(data), "run": str(run), "samples": str(samples), "loss_curve": str(curve)},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -184,6 +191,8 @@ def _report(summary: dict, detector: dict, trained: dict, untrained: dict, out: 
         rows |= {f"{name}, {split.replace('_', '-')}": r for split, r in res.items()}
     print(f"\ndemo finished in {summary['wall_time_s']:.0f} s; caption following (detected vs caption):")
     print(format_table(rows))
+    bar = summary["bar"]
+    print(f"held-out overall >= {bar['held_out_overall']:.0%}: {'reached' if bar['reached'] else 'NOT reached'}")
     for key, path in summary["paths"].items():
         print(f"  {key}: {path}")
     print(f"  summary: {out / 'summary.json'}")

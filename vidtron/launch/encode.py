@@ -129,8 +129,8 @@ def add_text_arguments(e) -> None:
     """The text encoder's options (TextConfig's fields; its defaults): the cached states are what training with the
     same text.* settings would compute."""
     t = TextConfig()
-    e.add_argument("--text-encoder", default=t.encoder, choices=("byte", "hf"))
-    e.add_argument("--max-tokens", type=int, default=t.max_tokens, help="text tokens per caption (byte)")
+    e.add_argument("--text-encoder", default=t.encoder, choices=("byte", "words", "hf"))
+    e.add_argument("--max-tokens", type=int, default=t.max_tokens, help="text tokens per caption (byte, words)")
     e.add_argument("--llm-path", default=t.llm_path, help="hf: local Llama / LLaVA-Llama folder (+ tokenizer)")
     e.add_argument("--clip-path", default=t.clip_path, help="hf: local CLIP text model folder (+ tokenizer)")
     e.add_argument("--template", default=t.template, help="hf: hunyuan-video, none, or a {} string")

@@ -12,8 +12,9 @@ class TextConfig:
     """The text encoder. encoder=hf is HunyuanVideo's conditioning (vidtron/models/text/hf.py): LLM states with the
     prompt template and crop, CLIP-L pooled output, from local folders (no hub access)."""
 
-    encoder: str = "byte"  # byte: built-in byte-token transformer (no downloads); hf: local LLM + CLIP paths
-    max_tokens: int = 32  # encoder=byte: text tokens per caption (padded / truncated)
+    encoder: str = "byte"  # byte: built-in byte-token transformer; words: fixed word vectors (both no downloads);
+    # hf: local LLM + CLIP paths
+    max_tokens: int = 32  # encoder=byte / words: text tokens per caption (padded / truncated)
     llm_path: str = ""  # encoder=hf: local Llama / LLaVA-Llama folder + tokenizer, or a diffusers HunyuanVideo folder
     clip_path: str = ""  # encoder=hf: local CLIP text model folder + tokenizer, or a diffusers HunyuanVideo folder
     template: str = "hunyuan-video"  # encoder=hf: LLM prompt template: hunyuan-video, none, or a string with one {}
@@ -27,8 +28,9 @@ class TextConfig:
     TEMPLATES = ("hunyuan-video", "none")  # not a field (no annotation): the names vidtron/models/text/hf.py knows
 
     def __post_init__(self) -> None:
-        if self.encoder not in ("byte", "hf"):
-            raise ConfigError("text.encoder", self.encoder, "choose 'byte' (built-in) or 'hf' (local paths)")
+        if self.encoder not in ("byte", "words", "hf"):
+            fix = "choose 'byte' or 'words' (built-in) or 'hf' (local paths)"
+            raise ConfigError("text.encoder", self.encoder, fix)
         for name in ("max_tokens", "llm_max_tokens", "clip_max_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"text.{name}", getattr(self, name), "must be >= 1")
@@ -47,5 +49,5 @@ class TextConfig:
 
     @property
     def tokens(self) -> int:
-        """Text tokens per caption the DiT sees: llm_max_tokens for encoder=hf, max_tokens for the byte encoder."""
+        """Text tokens per caption the DiT sees: llm_max_tokens for encoder=hf, max_tokens for the built-in encoders."""
         return self.llm_max_tokens if self.encoder == "hf" else self.max_tokens

@@ -2,7 +2,8 @@
 
 `ByteTextEncoder` needs no downloads: UTF-8 bytes as tokens, a tiny frozen transformer with weights drawn
 from a fixed seed, giving LLM-like hidden states [B, T, D] and a pooled vector [B, P] (the stand-ins for
-HunyuanVideo's LLM states and CLIP pooled output). `HFTextEncoder` (hf.py) computes HunyuanVideo's real
+HunyuanVideo's LLM states and CLIP pooled output); `WordTextEncoder` (words.py) gives each word a fixed vector
+instead (no downloads either; easy to compose, for small demos). `HFTextEncoder` (hf.py) computes HunyuanVideo's real
 conditioning from a local LLM and CLIP text model (no hub access) when `transformers` is installed.
 
 Legend: B captions, T text tokens, D text dim, P pooled dim.
@@ -19,6 +20,7 @@ from torch import nn
 from vidtron.errors import ConfigError
 from vidtron.models.text.batch import TextBatch
 from vidtron.models.text.config import TextConfig
+from vidtron.models.text.words import WordTextEncoder
 
 BOS, PAD, VOCAB = 256, 257, 258
 
@@ -89,6 +91,8 @@ def build_text_encoder(text: TextConfig | Mapping, text_dim: int, pooled_dim: in
     cfg = _text_config(text)
     if cfg.encoder == "byte":
         return ByteTextEncoder(text_dim, pooled_dim, cfg.max_tokens)
+    if cfg.encoder == "words":
+        return WordTextEncoder(text_dim, pooled_dim, cfg.max_tokens)
     if cfg.encoder == "hf":
         from vidtron.models.text.hf import HFTextEncoder  # imports transformers only when asked for
 
@@ -105,4 +109,4 @@ def build_text_encoder(text: TextConfig | Mapping, text_dim: int, pooled_dim: in
             device=cfg.device,
             dtype=cfg.dtype,
         )
-    raise ConfigError("text.encoder", cfg.encoder, "choose 'byte' or 'hf'")
+    raise ConfigError("text.encoder", cfg.encoder, "choose 'byte', 'words' or 'hf'")
