@@ -18,6 +18,7 @@ import torch.distributed as dist
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.test_dit import TINY_DIFFUSERS  # 2 heads x 8, rope (2, 2, 4), every module kind present
 from vidtron.errors import ConfigError
 from vidtron.launch.data import main as vidtron_data
 from vidtron.launch.export import main as export_main
@@ -38,18 +39,6 @@ from vidtron.testing.multirank import run_ranks
 diffusers = pytest.importorskip("diffusers")
 
 TOL = 1e-5
-TINY_DIFFUSERS = dict(  # as tests/test_dit.py: 2 heads x 8, rope (2, 2, 4), every module kind present
-    in_channels=4,
-    out_channels=4,
-    num_attention_heads=2,
-    attention_head_dim=8,
-    num_layers=2,
-    num_single_layers=2,
-    num_refiner_layers=1,
-    text_embed_dim=12,
-    pooled_projection_dim=10,
-    rope_axes_dim=(2, 2, 4),
-)
 I2V = from_diffusers_config(dict(TINY_DIFFUSERS, guidance_embeds=False, image_condition_type="token_replace"))
 SHAPE = ["data.frames=5", "data.height=16", "data.width=16", "data.batch_size=4"]
 
