@@ -23,6 +23,7 @@ import torch
 
 from vidtron.errors import ConfigError
 from vidtron.models.text import build_text_encoder
+from vidtron.models.text.config import TEXT_ENCODERS
 from vidtron.models.vae import CausalVAE
 from vidtron.models.vae.tiling import TilePlan, tiled_decode, tiled_encode
 from vidtron.platform.config import BucketConfig, DataConfig, TextConfig
@@ -129,7 +130,7 @@ def add_text_arguments(e) -> None:
     """The text encoder's options (TextConfig's fields; its defaults): the cached states are what training with the
     same text.* settings would compute."""
     t = TextConfig()
-    e.add_argument("--text-encoder", default=t.encoder, choices=("byte", "words", "hf"))
+    e.add_argument("--text-encoder", default=t.encoder, choices=TEXT_ENCODERS)
     e.add_argument("--max-tokens", type=int, default=t.max_tokens, help="text tokens per caption (byte, words)")
     e.add_argument("--llm-path", default=t.llm_path, help="hf: local Llama / LLaVA-Llama folder (+ tokenizer)")
     e.add_argument("--clip-path", default=t.clip_path, help="hf: local CLIP text model folder (+ tokenizer)")

@@ -46,7 +46,7 @@ from vidtron.platform.distributed import DistContext, barrier, broadcast_object
 from vidtron.platform.manifest import (
     MANIFEST,
     commit_manifest,
-    fsync_dir,
+    fsync_path,
     verify_share,
     wait_for_rank_manifests,
     write_rank_manifest,
@@ -176,11 +176,11 @@ def _async_writer(state: dict, tmp: Path):
 def _commit(tmp: Path, final: Path, step: int, meta: dict, world_size: int, extra_keys: list[str]) -> None:
     """Rank 0, once every rank's manifest is written: the top manifest, then the rename (the commit point)."""
     commit_manifest(tmp, step, meta, world_size, extra_keys)
-    fsync_dir(tmp)
+    fsync_path(tmp)
     if final.exists():
         shutil.rmtree(final)
     tmp.replace(final)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
 
 
 def save_checkpoint(

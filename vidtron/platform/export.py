@@ -50,6 +50,7 @@ from vidtron.platform.export_models import (
     expected_shapes,
     export_model,
 )
+from vidtron.platform.manifest import fsync_path
 
 DTYPES = {"keep": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FORMATS: dict[str, Format] = DIT.formats  # the DiT's; `export_models.ALL_FORMATS` names every model's
@@ -197,17 +198,9 @@ def _shard_files(prefix: str, count: int) -> list[str]:
     return [f"{prefix}-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_write(path: Path, write: Callable[[Path], None]) -> None:
     write(path)
-    _fsync(path)
+    fsync_path(path)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -223,7 +216,7 @@ def staged_folder(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, out)  # an empty `out` folder is replaced atomically
-        _fsync(out.parent)
+        fsync_path(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -6,6 +6,12 @@ from dataclasses import dataclass
 
 from vidtron.errors import ConfigError
 
+TEXT_ENCODERS = (
+    "byte",
+    "words",
+    "hf",
+)  # text.encoder: two built-in stand-ins (no downloads), HunyuanVideo's LLM + CLIP
+
 
 @dataclass
 class TextConfig:
@@ -28,7 +34,7 @@ class TextConfig:
     TEMPLATES = ("hunyuan-video", "none")  # not a field (no annotation): the names vidtron/models/text/hf.py knows
 
     def __post_init__(self) -> None:
-        if self.encoder not in ("byte", "words", "hf"):
+        if self.encoder not in TEXT_ENCODERS:
             fix = "choose 'byte' or 'words' (built-in) or 'hf' (local paths)"
             raise ConfigError("text.encoder", self.encoder, fix)
         for name in ("max_tokens", "llm_max_tokens", "clip_max_tokens"):
