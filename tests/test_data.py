@@ -77,6 +77,19 @@ def test_patch_pca_autoencoder_shapes_and_reconstruction(synth_data):
         PatchPCAAutoencoder().encode(torch.zeros(1, 3, 4, 16, 16))
 
 
+def test_patch_pca_channels_round_trip_through_its_state(synth_data):
+    """`vidtron-data synth --latent-channels C`: a C-channel code, read back as C channels from the saved state."""
+    x = videos_to_tensor([c.video for c in read_clips(synth_data)[:8]])
+    ae = PatchPCAAutoencoder(32).fit(x)
+    again = PatchPCAAutoencoder.from_state_dict(ae.state_dict())
+    assert again.channels == 32 and again.encode(x).shape == (8, 32, 3, 8, 8)
+    torch.testing.assert_close(again.encode(x), ae.encode(x))
+    with pytest.raises(ConfigError, match="latent channels=0"):
+        PatchPCAAutoencoder(0)
+    with pytest.raises(ConfigError, match="first_basis"):
+        PatchPCAAutoencoder.from_state_dict({})
+
+
 def test_byte_text_encoder_is_deterministic_and_masked():
     enc = ByteTextEncoder(dim=64, pooled_dim=32, max_tokens=16)
     again = ByteTextEncoder(dim=64, pooled_dim=32, max_tokens=16)

@@ -3,6 +3,7 @@ train -> sample run whose samples show the captioned colour far above chance."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,8 +12,9 @@ import pytest
 from vidtron.errors import ConfigError
 from vidtron.launch.data import main as data_main
 from vidtron.launch.eval import main as eval_main
-from vidtron.platform.data.synth import ClipSpec, clip_spec, render_clip
-from vidtron.platform.data.synth_media import parse_holdout
+from vidtron.platform.data.shards import read_clips
+from vidtron.platform.data.synth import DIRECTIONS, ClipSpec, clip_spec, render_clip
+from vidtron.platform.data.synth_media import parse_holdout, parse_size_range
 from vidtron.platform.video_io import write_gif
 from vidtron.tools.caption_eval import (
     DEFAULT_HOLDOUT,
@@ -81,6 +83,33 @@ def test_holdout_keeps_combos_out_and_leaves_the_default_stream_alone():
         parse_holdout(",".join(":".join(c) for c in all_combos()))
 
 
+def test_shape_size_rescales_the_radius_and_nothing_else(tmp_path):
+    """`vidtron-data synth --shape-size 0.18,0.25` (the demo's): the same clips as the default stream but for
+    the radius, every shape inside the frame along its whole track, and the detector still reads them."""
+    for i in range(200):
+        plain, big = clip_spec(0, i), clip_spec(0, i, size_range=(0.18, 0.25))
+        assert 0.18 <= big.size < 0.25 and big == dataclasses.replace(plain, size=big.size)
+    specs = [clip_spec(2, i, size_range=(0.25, 0.25)) for i in range(60)]  # the largest allowed
+    clips = [render_clip(s, 5, 64, 64) for s in specs]
+    for spec in specs:  # the centre's track +- the radius stays within the frame (pixel i spans [i, i + 1))
+        r, start = spec.size * 64, np.array(spec.start_yx) * 64
+        track = np.stack([start, start + 0.4 * 64 * np.array(DIRECTIONS[spec.direction])])
+        assert (track - r).min() >= -1e-6 and (track + r).max() <= 64 + 1e-6, spec
+    assert evaluate(clips, [s.caption for s in specs])["accuracy"]["overall"] >= 0.95
+    args = ["synth", "--out", str(tmp_path / "d"), "--clips", "4", "--frames", "1", "--height", "32", "--width", "32"]
+    for bad in ("0.3,0.2", "0.2,0.3", "big"):
+        assert data_main([*args, "--shape-size", bad]) == 2
+    with pytest.raises(ConfigError, match="--shape-size='0.2,0.3'"):
+        parse_size_range("0.2,0.3")
+    assert not (tmp_path / "d").exists()
+    assert data_main([*args, "--shape-size", "0.25,0.25"]) == 0
+    for clip in read_clips(tmp_path / "d"):
+        want = render_clip(clip_spec(0, int(clip.key), size_range=(0.25, 0.25)), 1, 32, 32)
+        assert np.array_equal(clip.video, want)
+    mp4 = [*args[:2], str(tmp_path / "e"), *args[3:], "--format", "mp4", "--durations", "5"]
+    assert data_main([*mp4, "--shape-size", "0.25,0.25"]) == 0
+
+
 def test_synth_holdout_option(tmp_path):
     args = ["synth", "--out", str(tmp_path / "d"), "--clips", "24", "--frames", "1", "--height", "16", "--width", "16"]
     assert data_main([*args, "--holdout", "red:circle:left,blue:square:up"]) == 0
@@ -117,15 +146,30 @@ def _spec_for(caption: str) -> ClipSpec:
 
 
 STEPS = 600  # optimizer steps of the short training (~15 s on one thread)
+CHANNELS = 32  # latent channels of the stand-in autoencoder (16 by default)
 
 
 @pytest.fixture(scope="module")
 def colour_data(tmp_path_factory):
-    """The demo's data, reduced to stills: 256 clips of 1 x 32 x 32 (4 DiT tokens), the demo's combos held out."""
+    """The demo's data, reduced to stills: 256 clips of 1 x 32 x 32 (4 DiT tokens), the demo's combos held out;
+    its stand-in autoencoder has 32 channels (--latent-channels), so a non-default latent width runs through
+    train -> sample -> decode."""
     out = tmp_path_factory.mktemp("captions") / "data"
     args = ["synth", "--out", str(out), "--clips", "256", "--frames", "1", "--height", "32", "--width", "32"]
+    args += ["--latent-channels", str(CHANNELS)]
     assert data_main([*args, "--shard-size", "256", "--holdout", DEFAULT_HOLDOUT]) == 0
     return out
+
+
+def test_model_must_take_the_autoencoders_channels(colour_data, tmp_path, capsys):
+    """A 32-channel data root and a 16-channel model: refused before training, naming model.latent_channels."""
+    from vidtron.launch.train import main as train_main
+
+    args = [f"data.root={colour_data}", f"run_dir={tmp_path / 'run'}", "data.frames=1", "data.height=32"]
+    assert train_main([*args, "data.width=32", "metrics.wandb=false", "trainer.steps=1"]) == 2
+    assert (
+        f"model.latent_channels=0: the data's autoencoder gives {CHANNELS} latent channels" in capsys.readouterr().err
+    )
 
 
 def test_short_training_follows_the_colour_word(colour_data, tmp_path, one_torch_thread):
@@ -138,6 +182,7 @@ def test_short_training_follows_the_colour_word(colour_data, tmp_path, one_torch
     run = tmp_path / "run"
     overrides = ["data.frames=1", "data.height=32", "data.width=32", "data.batch_size=16"]
     overrides += ["text.encoder=words", "text.max_tokens=12", "optim.lr=3e-3", f"trainer.steps={STEPS}"]
+    overrides += [f"model.latent_channels={CHANNELS}"]
     overrides += ["metrics.wandb=false", "trainer.progress=false"]
     assert train_main([f"data.root={colour_data}", f"run_dir={run}", *overrides]) == 0
     prompts = [caption_for(c, k) for k, c in enumerate(all_combos()[::3])]  # 24: 4 per colour

@@ -6,8 +6,10 @@ vidtron-data synth --out DIR --clips N --frames F --height H --width W --seed S
     --format mp4|webm writes encoded videos (1-frame clips as png); --durations 5,9,17 --sizes 64x64,48x80
     draw each clip's length and size from those lists (variable shapes for data.format=video buckets).
     --holdout red:circle:right,blue:square:up keeps those colour:shape:direction combos out of the clips
-    (listed in DIR/holdout.json) so a model can be scored on captions it never saw.
-vidtron-data fit-ae --root DIR
+    (listed in DIR/holdout.json) so a model can be scored on captions it never saw. --latent-channels C fits a
+    C-channel stand-in (default 16, the causal VAE's; train on it with model.latent_channels=C). --shape-size
+    0.18,0.25 draws the shapes' radii from that range (fractions of min(H, W); default 0.12,0.2).
+vidtron-data fit-ae --root DIR [--latent-channels C]
     (re)fit the stand-in autoencoder on the clips in DIR.
 vidtron-data encode --root DIR --out DIR2 [--buckets 9x64x64,1x64x64] [--vae FOLDER] [--rank R --world W]
     run the VAE (stand-in of DIR, or a CausalVAE folder) and the text encoder over DIR once and write latent
@@ -28,7 +30,7 @@ from safetensors.torch import save_file
 from vidtron.errors import ConfigError
 from vidtron.launch.cli import user_errors
 from vidtron.launch.encode import add_encode_parser, run_encode
-from vidtron.models.vae.patch_pca import PatchPCAAutoencoder
+from vidtron.models.vae.patch_pca import CHANNELS, PatchPCAAutoencoder
 from vidtron.platform.config import check_clip_shape
 from vidtron.platform.data.index import write_tar
 from vidtron.platform.data.shards import write_shard
@@ -39,11 +41,13 @@ from vidtron.platform.data.synth_media import (
     media_sample,
     parse_durations,
     parse_holdout,
+    parse_size_range,
     parse_sizes,
 )
 from vidtron.recipes.dit_t2v.data import AE_FILE, videos_to_tensor
 
 HOLDOUT_FILE = "holdout.json"
+LATENT_HELP = "the stand-in autoencoder's latent channels (train with model.latent_channels to match; 16 = the VAE's)"
 
 
 def _check_synth_args(a: argparse.Namespace) -> None:
@@ -57,8 +61,8 @@ def _check_synth_args(a: argparse.Namespace) -> None:
         raise ConfigError("--out", str(out), "is not empty; pass --overwrite or choose another folder")
 
 
-def fit_autoencoder(root: Path, seed: int = 0) -> None:
-    ae = PatchPCAAutoencoder().fit(videos_to_tensor(fit_clips(root)), seed=seed)
+def fit_autoencoder(root: Path, seed: int = 0, channels: int = CHANNELS) -> None:
+    ae = PatchPCAAutoencoder(channels).fit(videos_to_tensor(fit_clips(root)), seed=seed)
     tmp = root / (AE_FILE + ".tmp")
     save_file(dict(ae.state_dict()), str(tmp))
     os.replace(tmp, root / AE_FILE)
@@ -69,7 +73,7 @@ def synth(a: argparse.Namespace) -> Path:
     out = Path(a.out)
     staging = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    holdout = parse_holdout(a.holdout)
+    holdout, size_range = parse_holdout(a.holdout), parse_size_range(a.shape_size)
     staging.mkdir(parents=True)
     if holdout:
         _write_holdout(staging, holdout)
@@ -78,12 +82,14 @@ def synth(a: argparse.Namespace) -> Path:
             durations = parse_durations(a.durations) if a.durations else [a.frames]
             sizes = parse_sizes(a.sizes) if a.sizes else [(a.height, a.width)]
             ids = range(first, min(first + a.shard_size, a.clips))
-            samples = [media_sample(a.seed, i, a.format, durations, sizes, holdout=holdout) for i in ids]
+            samples = [
+                media_sample(a.seed, i, a.format, durations, sizes, holdout=holdout, size_range=size_range) for i in ids
+            ]
             write_tar(staging / f"shard-{first // a.shard_size:05d}.tar", samples)
             continue
         samples = []
         for i in range(first, min(first + a.shard_size, a.clips)):
-            spec = clip_spec(a.seed, i, holdout)
+            spec = clip_spec(a.seed, i, holdout, size_range)
             meta = {
                 "caption": spec.caption,
                 "shape": spec.shape,
@@ -97,7 +103,7 @@ def synth(a: argparse.Namespace) -> Path:
             }
             samples.append((f"{i:07d}", render_clip(spec, a.frames, a.height, a.width), meta))
         write_shard(staging / f"shard-{first // a.shard_size:05d}.tar", samples)
-    fit_autoencoder(staging, a.seed)
+    fit_autoencoder(staging, a.seed, a.latent_channels)
     _swap_in(staging, out)
     return out
 
@@ -136,10 +142,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--durations", default="", help="frame counts to draw from, e.g. 5,9,17 (1 = png images)")
     s.add_argument("--sizes", default="", help="HxW sizes to draw from, e.g. 64x64,48x80")
     s.add_argument("--holdout", default="", help="colour:shape:direction combos no clip shows, e.g. red:circle:right")
+    s.add_argument("--latent-channels", type=int, default=CHANNELS, help=LATENT_HELP)
+    s.add_argument("--shape-size", default="0.12,0.2", help="shape radius range lo,hi as fractions of min(H, W)")
     add_encode_parser(sub)
     f = sub.add_parser("fit-ae", help="fit the stand-in autoencoder on the clips in --root")
     f.add_argument("--root", required=True)
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--latent-channels", type=int, default=CHANNELS, help=LATENT_HELP)
     return p
 
 
@@ -152,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.cmd == "encode":
         print(run_encode(a))
     elif a.cmd == "fit-ae":
-        fit_autoencoder(Path(a.root), a.seed)
+        fit_autoencoder(Path(a.root), a.seed, a.latent_channels)
         print(f"wrote {Path(a.root) / AE_FILE}")
     return 0
 

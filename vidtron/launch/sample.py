@@ -49,6 +49,7 @@ from vidtron.models.dit.parallelize import ParallelizeOptions, parallelize_dit
 from vidtron.models.text.encoders import build_text_encoder
 from vidtron.parallel.dims import ParallelDims
 from vidtron.platform.checkpoint import latest_valid_checkpoint, load_model_weights, read_manifest
+from vidtron.platform.config import ModelConfig
 from vidtron.platform.distributed import DistContext, init_distributed, shutdown
 from vidtron.platform.video_io import to_uint8_frames, write_gif, write_mp4
 from vidtron.recipes.dit_t2v.data import videos_to_tensor
@@ -71,11 +72,9 @@ def _resolve_checkpoint(a: argparse.Namespace) -> Path:
 
 def model_config(cfg: dict) -> DiTConfig:
     """The DiTConfig a checkpoint's manifest config describes (flavor plus the saved size overrides)."""
-    model_cfg = cfg["model"]
-    overrides = {k: v for k, v in model_cfg.items() if k in ("num_heads", "head_dim") and v > 0}
-    overrides |= {k: v for k, v in model_cfg.items() if k in ("num_double_blocks", "num_single_blocks") and v >= 0}
-    overrides |= {"image_condition": model_cfg["image_condition"]} if model_cfg.get("image_condition") else {}
-    return dit_config(model_cfg["flavor"], overrides)
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_cfg = ModelConfig(**{k: v for k, v in cfg["model"].items() if k in known})  # older manifests lack fields
+    return dit_config(model_cfg.flavor, model_cfg.arch_overrides())
 
 
 def load_for_sampling(

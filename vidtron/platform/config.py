@@ -28,11 +28,16 @@ class ModelConfig:
     num_single_blocks: int = -1  # -1 = the flavor's
     image_condition: str = ""  # "" = the flavor's (text-to-video); token_replace = image-to-video (latent frame 0 is
     # the clean reference image, loss on the other frames; `vidtron-sample --image`)
+    patch_size: int = 0  # 0 = the flavor's (2: a token per 2x2 latents); 1 = a token per latent pixel (4x the tokens)
+    latent_channels: int = 0  # 0 = the flavor's (16, the causal VAE's); otherwise the DiT's in and out channels,
+    # to match a data root's autoencoder (e.g. `vidtron-data synth --latent-channels 32`)
 
     def arch_overrides(self) -> dict:
         """The DiTConfig fields this config overrides (used by scaling sweeps to build model families)."""
-        fields = {"num_heads": self.num_heads, "head_dim": self.head_dim}
+        fields = {"num_heads": self.num_heads, "head_dim": self.head_dim, "patch_size": self.patch_size}
         out = {k: v for k, v in fields.items() if v > 0}
+        if self.latent_channels > 0:
+            out |= {"in_channels": self.latent_channels, "out_channels": self.latent_channels}
         out |= {"image_condition": self.image_condition} if self.image_condition else {}
         out |= {
             k: v

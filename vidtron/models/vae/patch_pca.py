@@ -1,7 +1,7 @@
-"""A linear stand-in for the causal 3D VAE: PCA over 4x8x8 pixel patches -> 16 latent channels.
+"""A linear stand-in for the causal 3D VAE: PCA over 4x8x8 pixel patches -> C latent channels (16 by default).
 
 Same interface and shapes as the real VAE: video [B, 3, F, H, W] in [-1, 1] with F = 4k+1 ->
-latents [B, 16, 1 + (F-1)/4, H/8, W/8]. The first frame is encoded alone (1x8x8 patches), later frames in
+latents [B, C, 1 + (F-1)/4, H/8, W/8]. The first frame is encoded alone (1x8x8 patches), later frames in
 groups of 4 (4x8x8 patches), like the causal VAE. Latents are scaled to unit variance per channel.
 
 Legend: B batch, F pixel frames, f latent frames, H, W pixels, h, w latent height/width, C latent channels,
@@ -47,12 +47,25 @@ class PatchPCAAutoencoder(nn.Module):
 
     def __init__(self, channels: int = CHANNELS):
         super().__init__()
+        if not 1 <= channels <= 3 * SPATIAL * SPATIAL:
+            fix = f"choose 1..{3 * SPATIAL * SPATIAL} (a first-frame patch has that many values); 16 = the causal VAE's"
+            raise ConfigError("latent channels", channels, fix)
         self.channels = channels
         for name, ft in (("first", 1), ("rest", TEMPORAL)):
             p = 3 * ft * SPATIAL * SPATIAL
             self.register_buffer(f"{name}_mean", torch.zeros(p))
             self.register_buffer(f"{name}_basis", torch.zeros(p, channels))
             self.register_buffer(f"{name}_scale", torch.ones(channels))
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> PatchPCAAutoencoder:
+        """The autoencoder a saved state describes (its channel count read from the basis)."""
+        basis = state.get("first_basis")
+        if basis is None or basis.ndim != 2:
+            raise ConfigError("autoencoder state", sorted(state)[:4], "is not a stand-in autoencoder (no first_basis)")
+        ae = cls(int(basis.shape[1]))
+        ae.load_state_dict(state)
+        return ae
 
     @torch.no_grad()
     def fit(self, videos: torch.Tensor, max_patches: int = 20000, seed: int = 0) -> PatchPCAAutoencoder:
@@ -80,7 +93,7 @@ class PatchPCAAutoencoder(nn.Module):
         getattr(self, f"{name}_scale").copy_(scale.float())
 
     def encode(self, video_BCFHW: torch.Tensor) -> torch.Tensor:
-        """[B, 3, F, H, W] in [-1, 1] -> [B, 16, 1 + (F-1)/4, H/8, W/8]."""
+        """[B, 3, F, H, W] in [-1, 1] -> [B, C, 1 + (F-1)/4, H/8, W/8]."""
         _check_video(video_BCFHW)
         parts = [self._encode_part("first", video_BCFHW[:, :, :1], 1)]
         if video_BCFHW.shape[2] > 1:
@@ -93,7 +106,7 @@ class PatchPCAAutoencoder(nn.Module):
         return z.permute(0, 4, 1, 2, 3)  # [B, C, f, h, w]
 
     def decode(self, z_BCfhw: torch.Tensor) -> torch.Tensor:
-        """[B, 16, f, h, w] -> [B, 3, 1 + 4(f-1), 8h, 8w] (not clamped)."""
+        """[B, C, f, h, w] -> [B, 3, 1 + 4(f-1), 8h, 8w] (not clamped)."""
         parts = [self._decode_part("first", z_BCfhw[:, :, :1], 1)]
         if z_BCfhw.shape[2] > 1:
             parts.append(self._decode_part("rest", z_BCfhw[:, :, 1:], TEMPORAL))

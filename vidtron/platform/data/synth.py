@@ -26,6 +26,7 @@ COLOURS = {
 }
 DIRECTIONS = {"left": (0.0, -1.0), "right": (0.0, 1.0), "up": (-1.0, 0.0), "down": (1.0, 0.0)}
 Combo = tuple[str, str, str]  # (colour, shape, direction)
+SIZE_RANGE = (0.12, 0.2)  # shape radius drawn from [lo, hi) as a fraction of min(H, W)
 
 
 @dataclass(frozen=True)
@@ -63,18 +64,30 @@ def check_holdout(holdout: Collection[Combo], field: str = "holdout") -> frozens
     return combos
 
 
-def clip_spec(seed: int, index: int, holdout: Collection[Combo] = ()) -> ClipSpec:
+def check_size_range(size_range: tuple[float, float], field: str = "size range") -> tuple[float, float]:
+    """A radius range 0 < lo <= hi <= 0.25 (fractions of min(H, W)): a shape that large still fits the frame
+    across its whole track (it starts 0.3 from the side it leaves and moves 0.4)."""
+    lo, hi = (float(v) for v in size_range)
+    if not 0 < lo <= hi <= 0.25:
+        raise ConfigError(field, f"{lo},{hi}", "give lo,hi with 0 < lo <= hi <= 0.25 (default 0.12,0.2)")
+    return lo, hi
+
+
+def clip_spec(
+    seed: int, index: int, holdout: Collection[Combo] = (), size_range: tuple[float, float] = SIZE_RANGE
+) -> ClipSpec:
     """Clip `index` of stream `seed`; a draw whose (colour, shape, direction) is held out is redrawn from
-    (seed, index, attempt), so clips without held-out combos stay what they are without a holdout."""
-    spec = _draw_spec(np.random.default_rng([seed, index]))
+    (seed, index, attempt), so clips without held-out combos stay what they are without a holdout. Another
+    `size_range` rescales each clip's radius and leaves every other draw as it is."""
+    spec = _draw_spec(np.random.default_rng([seed, index]), size_range)
     attempt = 0
     while holdout and (spec.colour, spec.shape, spec.direction) in holdout:
         attempt += 1
-        spec = _draw_spec(np.random.default_rng([seed, index, attempt]))
+        spec = _draw_spec(np.random.default_rng([seed, index, attempt]), size_range)
     return spec
 
 
-def _draw_spec(rng: np.random.Generator) -> ClipSpec:
+def _draw_spec(rng: np.random.Generator, size_range: tuple[float, float]) -> ClipSpec:
     direction = str(rng.choice(list(DIRECTIONS)))
     dy, dx = DIRECTIONS[direction]
     # start on the side opposite to the motion so the shape crosses the frame
@@ -89,7 +102,7 @@ def _draw_spec(rng: np.random.Generator) -> ClipSpec:
         colour=str(rng.choice(list(COLOURS))),
         direction=direction,
         start_yx=(start[0], start[1]),
-        size=float(rng.uniform(0.12, 0.2)),
+        size=float(rng.uniform(*size_range)),
         background=bg,
     )
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from vidtron.errors import ConfigError, DataError
 from vidtron.platform.data.index import SampleIndex
-from vidtron.platform.data.synth import Combo, check_holdout, clip_spec, render_clip
+from vidtron.platform.data.synth import SIZE_RANGE, Combo, check_holdout, check_size_range, clip_spec, render_clip
 from vidtron.platform.data.video import DecodeRequest, centre_crop, decode_cpu, encode_video
 
 FORMATS = ("npy", "mp4", "webm")
@@ -56,6 +56,15 @@ def parse_holdout(text: str) -> frozenset[Combo]:
     return check_holdout(combos, "--holdout")
 
 
+def parse_size_range(text: str) -> tuple[float, float]:
+    """Parse "0.18,0.25" into (0.18, 0.25): the shapes' radius range as fractions of min(H, W)."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError as err:
+        raise ConfigError("--shape-size", text, "give the radius range as lo,hi, e.g. 0.18,0.25") from err
+    return check_size_range((lo, hi), "--shape-size")
+
+
 def media_sample(
     seed: int,
     index: int,
@@ -64,12 +73,13 @@ def media_sample(
     sizes: list[tuple[int, int]],
     fps: int = 8,
     holdout: frozenset[Combo] = frozenset(),
+    size_range: tuple[float, float] = SIZE_RANGE,
 ) -> tuple[str, dict[str, bytes]]:
     """Clip `index` as (key, {media ext: bytes, "json": bytes}); `holdout` combos are never drawn."""
     rng = np.random.default_rng([seed, index, 7])
     frames = durations[int(rng.integers(len(durations)))]
     height, width = sizes[int(rng.integers(len(sizes)))]
-    spec = clip_spec(seed, index, holdout)
+    spec = clip_spec(seed, index, holdout, size_range)
     video = render_clip(spec, frames, height, width)  # [F, H, W, 3]
     if fmt == "npy":
         buf = io.BytesIO()

@@ -37,9 +37,7 @@ def load_autoencoder(root: str | Path) -> PatchPCAAutoencoder:
         raise DataError(
             f"data.root={str(root)!r} has no {AE_FILE}; run `vidtron-data synth` (or `vidtron-data fit-ae`) on it"
         )
-    ae = PatchPCAAutoencoder()
-    ae.load_state_dict(load_file(str(path)))
-    return ae
+    return PatchPCAAutoencoder.from_state_dict(load_file(str(path)))
 
 
 def videos_to_tensor(videos: list[np.ndarray]) -> torch.Tensor:

@@ -44,6 +44,11 @@ class LatentEncoder:
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
+    @property
+    def channels(self) -> int:
+        """Latent channels C of the code (the DiT's in_channels must match)."""
+        return self.model.config.latent_channels if isinstance(self.model, CausalVAE) else self.model.channels
+
     @torch.no_grad()
     def __call__(self, video_BCFHW: torch.Tensor) -> torch.Tensor:
         if isinstance(self.model, CausalVAE):
@@ -57,6 +62,13 @@ class LatentEncoder:
         if isinstance(self.model, CausalVAE):
             return self.model.decode(self.model.from_dit_latents(z_BCfhw))
         return self.model.decode(z_BCfhw)
+
+
+def check_latent_channels(data_channels: int, model_channels: int, field_value: int) -> None:
+    """The autoencoder's latent channels must be the DiT's in_channels (model.latent_channels sets them)."""
+    if data_channels != model_channels:
+        fix = f"the data's autoencoder gives {data_channels} latent channels, the model takes {model_channels}: "
+        raise ConfigError("model.latent_channels", field_value, fix + f"set model.latent_channels={data_channels}")
 
 
 def build_latent_encoder(root: str | Path, vae: str = "") -> LatentEncoder:
@@ -89,6 +101,7 @@ class StreamData:
                 )
         else:
             self.encoder = build_latent_encoder(cfg.data.root, cfg.data.vae)
+            check_latent_channels(self.encoder.channels, dit_cfg.in_channels, cfg.model.latent_channels)
             self.uncond = text_encoder.encode([""])
         self.tokens_per_sample = min(self.tokens(b) for b in self.loader.buckets)  # the tightest split for CP
 

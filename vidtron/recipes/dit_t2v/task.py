@@ -32,7 +32,7 @@ from vidtron.recipes.dit_t2v.flow_matching import (
     timestep_from_sigma,
     velocity_target,
 )
-from vidtron.recipes.dit_t2v.stream import StreamData
+from vidtron.recipes.dit_t2v.stream import StreamData, check_latent_channels
 from vidtron.tools.flops import dit_train_flops
 
 
@@ -55,10 +55,7 @@ class DiTTextToVideo:
         _, c, f, h, w = self.data.latents.shape
         p, pt = self.dit_cfg.patch_size, self.dit_cfg.patch_size_t
         self.tokens_per_sample = (f // pt) * (h // p) * (w // p)
-        if c != self.dit_cfg.in_channels:
-            raise ConfigError(
-                "model.flavor", cfg.model.flavor, f"expects {self.dit_cfg.in_channels} latent channels, data has {c}"
-            )
+        check_latent_channels(c, self.dit_cfg.in_channels, cfg.model.latent_channels)
 
     @property
     def flops_per_sample(self) -> float:
