@@ -1,8 +1,8 @@
 """`make demo`: generated clips -> train a small DiT -> resume it under TP x CP -> sample -> measure caption following.
 
 Every stage runs the real command-line tools, so the demo exercises what users run:
-  1. `vidtron-data synth` writes clips of moving coloured shapes, holding out 12 colour x shape x direction
-     combos (each word is still seen, never in those combinations);
+  1. `vidtron-data synth` writes clips of moving coloured shapes (radius 0.18-0.25 of the frame), holding out
+     12 colour x shape x direction combos (each word is still seen, never in those combinations);
   2. `vidtron-train` trains most steps in one process (fast on 2 cores), then resumes the same run on
      `--nproc` processes with the TP x CP `--layout` for the last steps (trainer.resume=auto);
   3. `vidtron-sample --nproc 2 --tp 2` samples captions of held-out and seen combos with CFG;
