@@ -162,14 +162,16 @@ def colour_data(tmp_path_factory):
 
 
 def test_model_must_take_the_autoencoders_channels(colour_data, tmp_path, capsys):
-    """A 32-channel data root and a 16-channel model: refused before training, naming model.latent_channels."""
+    """A 32-channel data root and a 16-channel model: refused before training, naming model.latent_channels, by
+    both data paths."""
     from vidtron.launch.train import main as train_main
 
     args = [f"data.root={colour_data}", f"run_dir={tmp_path / 'run'}", "data.frames=1", "data.height=32"]
-    assert train_main([*args, "data.width=32", "metrics.wandb=false", "trainer.steps=1"]) == 2
-    assert (
-        f"model.latent_channels=0: the data's autoencoder gives {CHANNELS} latent channels" in capsys.readouterr().err
-    )
+    args += ["data.width=32", "metrics.wandb=false", "trainer.steps=1"]
+    for data_format in ("memory", "video"):  # latents encoded once into RAM; the streaming loader
+        assert train_main([*args, f"data.format={data_format}"]) == 2
+        want = f"model.latent_channels=0: the data's autoencoder gives {CHANNELS} latent channels"
+        assert want in capsys.readouterr().err, data_format
 
 
 def test_short_training_follows_the_colour_word(colour_data, tmp_path, one_torch_thread):
