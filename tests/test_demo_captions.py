@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from vidtron.errors import ConfigError
 from vidtron.launch.data import main as data_main
@@ -192,3 +193,18 @@ def test_short_training_follows_the_colour_word(colour_data, tmp_path, one_torch
     assert sample_main([*args, "--cfg-scale", "3", *(a for p in prompts for a in ("--prompt", p))]) == 0
     acc = evaluate_folder(tmp_path / "samples")["accuracy"]
     assert acc["colour"] >= 0.5, acc  # chance 1/6 (4.4 sigma below 0.5 at n=24); 600 steps reached 0.92
+
+
+def test_demo_contact_sheet_shows_one_sample_per_combo(tmp_path):
+    """held_out_samples.png: samples 0, every, 2 every, ... as rows of their frames at half the GIF's size."""
+    from vidtron.launch.demo import contact_sheet
+
+    captions = [caption_for(c, 0) for c in all_combos()[:6]]
+    for i, caption in enumerate(captions):
+        write_gif(render_clip(_spec_for(caption), 5, 32, 32), tmp_path / f"sample_{i}.gif", scale=4)
+        (tmp_path / f"sample_{i}.txt").write_text(caption + "\n")
+    sheet = contact_sheet(tmp_path, tmp_path / "sheet.png", every=2, rows=12)
+    video = np.asarray(Image.open(sheet).convert("RGB"))
+    assert video.shape == (3 * 64, 5 * 64, 3)  # 3 rows (samples 0, 2, 4) of 5 frames of 128 / 2 pixels
+    assert sheet.with_suffix(".txt").read_text().splitlines() == [f"row {r}: {captions[2 * r]}" for r in range(3)]
+    assert np.array_equal(video[:64, :64], read_gif(tmp_path / "sample_0.gif")[0, ::2, ::2])

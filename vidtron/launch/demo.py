@@ -8,7 +8,8 @@ Every stage runs the real command-line tools, so the demo exercises what users r
   3. `vidtron-sample --nproc 2 --tp 2` samples captions of held-out and seen combos with CFG;
   4. `vidtron-eval`'s detector scores every sample against its caption (colour, shape, direction, start
      region), next to the same architecture untrained and to the detector on real clips.
-Writes summary.json and loss_curve.png into --out and prints an accuracy table.
+Writes summary.json, loss_curve.png and held_out_samples.png (a sample of each held-out combo, frames left to right;
+captions in held_out_samples.txt) into --out and prints an accuracy table.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from vidtron.tools.caption_eval import (
     evaluate_folder,
     format_table,
     prompts_for,
+    read_samples,
     read_training_clips,
 )
 
@@ -133,6 +135,20 @@ def plot_losses(run_dir: Path, out: Path, switch_step: int) -> Path:
     return out
 
 
+def contact_sheet(folder: Path, out: Path, every: int = 1, rows: int = 12) -> Path:
+    """Samples 0, every, 2 * every, ... of `folder` (`rows` of them) as one PNG, a row each (frames left to right, at
+    half the GIF's size), and their captions in the .txt beside it."""
+    import numpy as np
+    from PIL import Image
+
+    videos, captions = read_samples(folder)
+    picked = range(0, min(len(videos), every * rows), every)
+    strips = [np.concatenate(list(videos[i][:, ::2, ::2]), axis=1) for i in picked]  # [H/2, F * W/2, 3] each
+    Image.fromarray(np.concatenate(strips, axis=0)).save(out)
+    out.with_suffix(".txt").write_text("".join(f"row {r}: {captions[i]}\n" for r, i in enumerate(picked)))
+    return out
+
+
 def eval_prompts(holdout: frozenset, per_combo: int) -> tuple[list[str], list[str]]:
     """Captions of every held-out combo and of as many seen combos (spread over the 60), `per_combo` each."""
     seen = [c for c in all_combos() if c not in holdout]
@@ -167,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     sample_untrained(run, held + seen, samples / "untrained")
     trained, untrained = measure(samples / "trained", holdout), measure(samples / "untrained", holdout)
     curve = plot_losses(run, out / "loss_curve.png", a.steps - a.parallel_steps)
+    sheet = contact_sheet(samples / "trained", out / "held_out_samples.png", a.per_combo)  # one per held-out combo
     summary = {
         "wall_time_s": round(time.time() - t0, 1),
         "steps": {"total": a.steps, "single_process": a.steps - a.parallel_steps, "parallel": a.parallel_steps},
@@ -181,7 +198,13 @@ def main(argv: list[str] | None = None) -> int:
         "trained": trained,
         "untrained": untrained,
         "bar": {"held_out_overall": BAR, "reached": trained["held_out"]["accuracy"]["overall"] >= BAR},
-        "paths": {"data": str(data), "run": str(run), "samples": str(samples), "loss_curve": str(curve)},
+        "paths": {
+            "data": str(data),
+            "run": str(run),
+            "samples": str(samples),
+            "loss_curve": str(curve),
+            "contact_sheet": str(sheet),
+        },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     _report(summary, detector, trained, untrained, out)
