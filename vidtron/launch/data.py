@@ -34,7 +34,7 @@ from vidtron.models.vae.patch_pca import CHANNELS, PatchPCAAutoencoder
 from vidtron.platform.config import check_clip_shape
 from vidtron.platform.data.index import write_tar
 from vidtron.platform.data.shards import write_shard
-from vidtron.platform.data.synth import clip_spec, render_clip
+from vidtron.platform.data.synth import clip_spec, render_clip, size_range_text
 from vidtron.platform.data.synth_media import (
     FORMATS,
     fit_clips,
@@ -143,7 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--sizes", default="", help="HxW sizes to draw from, e.g. 64x64,48x80")
     s.add_argument("--holdout", default="", help="colour:shape:direction combos no clip shows, e.g. red:circle:right")
     s.add_argument("--latent-channels", type=int, default=CHANNELS, help=LATENT_HELP)
-    s.add_argument("--shape-size", default="0.12,0.2", help="shape radius range lo,hi as fractions of min(H, W)")
+    s.add_argument("--shape-size", default=size_range_text(), help="shape radius range lo,hi as fractions of min(H, W)")
     add_encode_parser(sub)
     f = sub.add_parser("fit-ae", help="fit the stand-in autoencoder on the clips in --root")
     f.add_argument("--root", required=True)

@@ -22,7 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from vidtron.launch.sample import clip_shape, latent_shape_for, model_config, write_samples
 from vidtron.models.dit import DiT
@@ -138,9 +140,6 @@ def plot_losses(run_dir: Path, out: Path, switch_step: int) -> Path:
 def contact_sheet(folder: Path, out: Path, every: int = 1, rows: int = 12) -> Path:
     """Samples 0, every, 2 * every, ... of `folder` (`rows` of them) as one PNG, a row each (frames left to right, at
     half the GIF's size), and their captions in the .txt beside it."""
-    import numpy as np
-    from PIL import Image
-
     videos, captions = read_samples(folder)
     picked = range(0, min(len(videos), every * rows), every)
     strips = [np.concatenate(list(videos[i][:, ::2, ::2]), axis=1) for i in picked]  # [H/2, F * W/2, 3] each

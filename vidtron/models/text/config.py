@@ -6,11 +6,8 @@ from dataclasses import dataclass
 
 from vidtron.errors import ConfigError
 
-TEXT_ENCODERS = (
-    "byte",
-    "words",
-    "hf",
-)  # text.encoder: two built-in stand-ins (no downloads), HunyuanVideo's LLM + CLIP
+# text.encoder: two built-in stand-ins (no downloads), HunyuanVideo's LLM + CLIP
+TEXT_ENCODERS = ("byte", "words", "hf")
 
 
 @dataclass

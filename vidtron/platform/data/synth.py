@@ -69,8 +69,13 @@ def check_size_range(size_range: tuple[float, float], field: str = "size range")
     across its whole track (it starts 0.3 from the side it leaves and moves 0.4)."""
     lo, hi = (float(v) for v in size_range)
     if not 0 < lo <= hi <= 0.25:
-        raise ConfigError(field, f"{lo},{hi}", "give lo,hi with 0 < lo <= hi <= 0.25 (default 0.12,0.2)")
+        raise ConfigError(field, f"{lo},{hi}", f"give lo,hi with 0 < lo <= hi <= 0.25 (default {size_range_text()})")
     return lo, hi
+
+
+def size_range_text(size_range: tuple[float, float] = SIZE_RANGE) -> str:
+    """(0.12, 0.2) -> "0.12,0.2", the form `vidtron-data synth --shape-size` takes."""
+    return ",".join(f"{v:g}" for v in size_range)
 
 
 def clip_spec(
