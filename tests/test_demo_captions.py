@@ -17,6 +17,7 @@ from vidtron.platform.data.shards import read_clips
 from vidtron.platform.data.synth import DIRECTIONS, ClipSpec, clip_spec, render_clip
 from vidtron.platform.data.synth_media import parse_holdout, parse_size_range
 from vidtron.platform.video_io import write_gif
+from vidtron.recipes.dit_t2v.data import load_autoencoder
 from vidtron.tools.caption_eval import (
     DEFAULT_HOLDOUT,
     all_combos,
@@ -107,6 +108,8 @@ def test_shape_size_rescales_the_radius_and_nothing_else(tmp_path):
     for clip in read_clips(tmp_path / "d"):
         want = render_clip(clip_spec(0, int(clip.key), size_range=(0.25, 0.25)), 1, 32, 32)
         assert np.array_equal(clip.video, want)
+    assert data_main(["fit-ae", "--root", str(tmp_path / "d"), "--latent-channels", "8"]) == 0  # refit, 8 wide
+    assert load_autoencoder(tmp_path / "d").channels == 8
     mp4 = [*args[:2], str(tmp_path / "e"), *args[3:], "--format", "mp4", "--durations", "5"]
     assert data_main([*mp4, "--shape-size", "0.25,0.25"]) == 0
 
