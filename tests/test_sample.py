@@ -7,6 +7,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from tests.helpers import run_training
+from vidtron.launch.sample import load_for_sampling
 from vidtron.launch.sample import main as sample_main
 from vidtron.platform.video_io import read_mp4
 
@@ -51,8 +52,12 @@ def test_samples_decode_with_the_runs_causal_vae(tmp_path):
 def test_patch_size_override_trains_and_samples(synth_data, tmp_path):
     """model.patch_size=1 (a token per latent pixel) reaches the model the trainer builds and the one vidtron-sample
     rebuilds from the manifest."""
-    state = run_training(synth_data, tmp_path / "run", "trainer.steps=2", "model.patch_size=1")
-    assert state.model.patch_embed.kernel_size == (1, 1, 1) and len(state.losses) == 2
+    from vidtron.launch.train import main as train_main
+
+    args = [f"data.root={synth_data}", f"run_dir={tmp_path / 'run'}", "metrics.wandb=false", "trainer.steps=2"]
+    assert train_main([*args, "model.patch_size=1"]) == 0
+    model, _ = load_for_sampling(tmp_path / "run" / "checkpoints" / "step_000002")  # strict load of the weights
+    assert model.patch_embed.kernel_size == (1, 1, 1)
     args = ["--run-dir", str(tmp_path / "run"), "--prompt", "a red circle moves left", "--steps", "2"]
     assert sample_main([*args, "--out", str(tmp_path / "s")]) == 0
     assert load_file(tmp_path / "s" / "latents.safetensors")["latents"].shape == (1, 16, 3, 8, 8)
