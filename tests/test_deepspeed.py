@@ -8,8 +8,9 @@ runs with `parallel.zero.ds_persist_below=0`, so every parameter is partitioned 
 small ones of dit-tiny whole, which would not test stage 3). A real bug is far outside 1e-5: ZeRO's gradient
 average taken over dp only while the CP ranks hold partial gradients doubles the update (1e-3 on parameters).
 
-One world-2 process group runs every layout (world-4 layouts are `slow`); the resharding legs go DeepSpeed ZeRO-3 on 2 ranks (steps 1-10) ->
-FSDP2 dp_shard 2 (11-15) -> DeepSpeed ZeRO-1 on one process (16-20) and must continue the uninterrupted run.
+One world-2 process group runs the layouts (ZeRO-1 at dp 2, ZeRO-2 under ring CP and the world-4 layouts are
+`slow`); the resharding legs go DeepSpeed ZeRO-3 on 2 ranks (steps 1-10) -> FSDP2 dp_shard 2 (11-15) -> DeepSpeed
+ZeRO-1 on one process (16-20) and must continue the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -31,10 +32,8 @@ from vidtron.testing.multirank import run_ranks
 DS = ["parallel.zero.engine=deepspeed"]
 ZERO3 = [*DS, "parallel.zero.stage=3", "parallel.zero.ds_persist_below=0"]
 LAYOUTS = {
-    "ds_zero1_dp2": [*DS, "parallel.zero.stage=1"],
     "ds_zero2_dp2": [*DS, "parallel.zero.stage=2"],
     "ds_zero3_dp2": ZERO3,
-    "ds_zero2_cp2_ring": [*DS, "parallel.zero.stage=2", "parallel.cp=2", "parallel.cp_mode=ring"],
     "ds_zero3_cp2_ulysses": [*ZERO3, "parallel.cp=2", "parallel.cp_mode=ulysses"],
     # 2 micro-batches of 1 per rank and step (global batch 4 as the reference's one batch of 4)
     "ds_zero2_dp2_accum2": [*DS, "parallel.zero.stage=2", "trainer.grad_accum=2"],
@@ -53,6 +52,11 @@ LAYOUTS = {
         "trainer.skip_bad_batches=false",  # a transient fault: replay the same batches
     ],
 }
+WORLD2_SLOW = {  # make test-slow; make test keeps ZeRO-1 (the one-process resharding leg) and DeepSpeed under CP
+    # (ds_zero3_cp2_ulysses)
+    "ds_zero1_dp2": [*DS, "parallel.zero.stage=1"],
+    "ds_zero2_cp2_ring": [*DS, "parallel.zero.stage=2", "parallel.cp=2", "parallel.cp_mode=ring"],
+}
 WORLD4 = {  # make test-slow
     "ds_zero3_cp2_dp2": [*ZERO3, "parallel.cp=2", "parallel.dp_shard=2"],
     "ds_zero1_usp2x2": [*DS, "parallel.zero.stage=1", "parallel.cp=4", "parallel.cp_mode=usp", "parallel.ulysses=2"],
@@ -68,9 +72,9 @@ def _world2(data_root: str, tmp: str) -> dict:
     return out
 
 
-def _world4(data_root: str, tmp: str) -> dict:
+def _layouts(data_root: str, tmp: str, layouts: dict) -> dict:
     ctx = init_distributed()
-    return {name: _train(config(data_root, f"{tmp}/{name}", *ov), ctx) for name, ov in WORLD4.items()}
+    return {name: _train(config(data_root, f"{tmp}/{name}", *ov), ctx) for name, ov in layouts.items()}
 
 
 def _one_process_leg(data_root: str, run_dir: str) -> dict:
@@ -94,12 +98,23 @@ NAN_RUNS = {"ds_zero3_nan_skip", "fsdp_nan_skip", "ds_zero3_nan_rollback", "ds_z
 
 @pytest.fixture(scope="module")
 def world4(pad_data, tmp_path_factory):
-    return run_ranks(_world4, 4, (str(pad_data), str(tmp_path_factory.mktemp("ds_w4"))))[0]
+    return run_ranks(_layouts, 4, (str(pad_data), str(tmp_path_factory.mktemp("ds_w4")), WORLD4))[0]
+
+
+@pytest.fixture(scope="module")
+def world2_slow(pad_data, tmp_path_factory):
+    return run_ranks(_layouts, 2, (str(pad_data), str(tmp_path_factory.mktemp("ds_w2s")), WORLD2_SLOW))[0]
 
 
 @pytest.mark.parametrize("name", sorted(set(LAYOUTS) - NAN_RUNS))
 def test_deepspeed_layout_matches_one_rank(name, world2, reference):
     _check(name, world2[0][name], reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(WORLD2_SLOW))
+def test_deepspeed_more_two_rank_layouts_match_one_rank(name, world2_slow, reference):
+    _check(name, world2_slow[name], reference)
 
 
 @pytest.mark.slow
